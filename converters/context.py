@@ -1,0 +1,50 @@
+"""What a backend receives to build one recipe, and what it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_convnext.manifest import TensorSpec, standard_input, standard_output
+from edge_convnext.recipes import Recipe
+
+
+@dataclass
+class BuildContext:
+    """Inputs of one backend build.
+
+    ``model`` maps float32 ``[1, 3, 224, 224]`` RGB in [0, 1] (NCHW) to float32 ``[1, 1000]`` logits,
+    with the mean/std normalization folded in. ``calibration_images(n)`` yields up to ``n`` real
+    images of the calibration split, each float32 ``[1, 3, 224, 224]`` in [0, 1]; never evaluation
+    images, never random tensors.
+    """
+
+    recipe: Recipe
+    model: torch.nn.Module
+    example_input: torch.Tensor
+    calibration_images: Callable[[int], Iterator[np.ndarray]]
+    calibration_count: int
+    labels: list[str]
+    embedded_manifest: dict[str, Any]
+    workdir: Path
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class BuildResult:
+    """What a backend reports about the artifact it wrote."""
+
+    input: TensorSpec = field(default_factory=standard_input)
+    output: TensorSpec = field(default_factory=standard_output)
+    lowering: dict[str, Any] = field(default_factory=dict)
+    calibration_used: int = 0
+    embedded: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+Builder = Callable[[BuildContext, Path], BuildResult]

@@ -1,0 +1,3 @@
+from edge_convnext.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""``edge-convnext`` (or ``python -m edge_convnext``): thin subcommands over typed library functions.
+
+Converter commands import torch lazily, inside their handlers; ``info``, ``recipes``, ``eval`` and
+``classify`` run on a light install (NumPy, Pillow, one runtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge_convnext import __version__
+from edge_convnext.errors import EdgeConvNextError
+
+DEFAULT_OUT = Path("artifacts")
+DEFAULT_GATE = Path(__file__).parent / "gates" / "default.json"
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "coremltools", "root.coremltools", "absl", "jax")
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from edge_convnext.info import report
+
+    print(report())
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from edge_convnext.recipes import RECIPES
+
+    if args.json:
+        print(json.dumps([{"name": r.name, "format": r.format.key, "precision": r.precision,
+                           "calibrated": r.calibrated, "description": r.description} for r in RECIPES], indent=2))
+        return 0
+    width = max(len(r.name) for r in RECIPES)
+    for r in RECIPES:
+        print(f"{r.name:<{width}}  {r.description}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from edge_convnext.recipes import select_recipes
+
+    select_recipes(args.recipes)  # an unknown name fails now, before torch loads
+    from converters.build import ConvertOptions, convert
+    from edge_convnext.preprocessing import Preprocessing
+
+    pre = Preprocessing.from_hf_config_file(args.preprocessor_config) if args.preprocessor_config else None
+    opts = ConvertOptions(
+        weights=args.weights, recipes=args.recipes, out=args.out, data=args.data,
+        calibration_images=args.calibration_images, parity_images=args.parity_images,
+        reference_images=args.reference_images, preprocessing=pre, threads=args.threads, fail_fast=args.fail_fast,
+    )
+    report = convert(opts)
+    from edge_convnext.report import convert_summary
+
+    print(convert_summary(report.outcomes, report.weights))
+    for w in report.warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _cmd_reference(args: argparse.Namespace) -> int:
+    from converters.reference import ensure_reference
+    from converters.weights import load_weights
+    from edge_convnext.dataset import load_subset
+
+    weights = load_weights(args.weights)
+    ref = ensure_reference(weights, load_subset(args.data), args.out, args.limit)
+    print(f"{args.out}/reference.npz: {len(ref.image_ids)} images, weights {weights.identity.source}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from edge_convnext.evaluate import EvalOptions, evaluate_paths
+    from edge_convnext.gate import check_gate, load_gate
+    from edge_convnext.report import write_reports
+
+    opts = EvalOptions(data=args.data, ground_truth=args.ground_truth, reference=args.reference, limit=args.limit,
+                       threads=args.threads, verify=not args.no_verify)
+    run = evaluate_paths(args.paths, opts)
+    gate_result = None
+    if args.gate is not None:
+        gate_file = DEFAULT_GATE if args.gate == "default" else Path(args.gate)
+        gate_result = check_gate(run, load_gate(gate_file), baseline=args.baseline)
+    text = write_reports(run, gate_result, json_path=args.json, junit_path=args.junit,
+                         markdown_path=args.markdown, plot_path=args.plot, baseline_out=args.write_baseline)
+    print(text)
+    if run.errors:
+        return 1
+    return 0 if gate_result is None or gate_result.passed else 2
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from edge_convnext.classify import classify
+
+    results = classify(args.artifact, args.images, top=args.top, threads=args.threads, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            print(r.text())
+    return 0 if all(r.error is None for r in results) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-convnext", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"edge-convnext {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("info", help="versions, and which runtimes and converters are usable here").set_defaults(
+        func=_cmd_info)
+
+    s = sub.add_parser("recipes", help="list the recipes convert can build")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_recipes)
+
+    data_help = "ImageNet val data directory (default: ../shared/data beside the repo, or $EDGE_CONVNEXT_DATA)"
+    s = sub.add_parser("convert", help="build artifacts with manifests, labels, reference logits and parity checks")
+    s.add_argument("--weights", help="HF hub id or directory, checkpoint file (.safetensors/.pth), or random[:SEED]; "
+                   "default facebook/convnext-tiny-224, falling back to random:0 (loudly) when unavailable")
+    s.add_argument("--recipes", default="all", help="all, a format (coreml, tflite, executorch) or NAME,NAME")
+    s.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: artifacts)")
+    s.add_argument("--data", type=Path, help=data_help)
+    s.add_argument("--calibration-images", type=int, default=128, metavar="N",
+                   help="calibration-split images for quantized recipes (default 128)")
+    s.add_argument("--parity-images", type=int, default=8, metavar="N",
+                   help="evaluation images for the build-time parity check (default 8)")
+    s.add_argument("--reference-images", type=int, metavar="N",
+                   help="store reference logits for the first N evaluation images (default: all)")
+    s.add_argument("--preprocessor-config", type=Path, metavar="FILE",
+                   help="an HF preprocessor_config.json overriding the weights' preprocessing")
+    s.add_argument("--threads", type=int, help="CPU threads for torch and the runtimes")
+    s.add_argument("--fail-fast", action="store_true", help="stop at the first failing recipe")
+    s.set_defaults(func=_cmd_convert)
+
+    s = sub.add_parser("reference", help="compute and store the float reference logits of the evaluation split")
+    s.add_argument("--weights")
+    s.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    s.add_argument("--data", type=Path, help=data_help)
+    s.add_argument("--limit", type=int, metavar="N", help="only the first N evaluation images")
+    s.set_defaults(func=_cmd_reference)
+
+    s = sub.add_parser("eval", help="accuracy and fidelity of artifacts on the evaluation split, with an optional gate")
+    s.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="artifacts or artifact directories")
+    s.add_argument("--data", type=Path, help=data_help)
+    s.add_argument("--ground-truth", type=Path, help="'<file> <label>' ground truth for a user image directory")
+    s.add_argument("--reference", type=Path, help="stored reference logits (default: reference.npz beside the artifacts)")
+    s.add_argument("--limit", type=int, metavar="N", help="only the first N evaluation images")
+    s.add_argument("--threads", type=int, help="runtime CPU threads")
+    s.add_argument("--gate", nargs="?", const="default", metavar="FILE",
+                   help="fail (exit 2) when an artifact misses its thresholds (default: the packaged gate file)")
+    s.add_argument("--baseline", type=Path, metavar="FILE", help="last accepted numbers; regressions beyond the "
+                   "gate's tolerance fail")
+    s.add_argument("--write-baseline", type=Path, metavar="FILE", help="write this run's numbers as a baseline")
+    s.add_argument("--json", type=Path, metavar="FILE")
+    s.add_argument("--junit", type=Path, metavar="FILE")
+    s.add_argument("--markdown", type=Path, metavar="FILE")
+    s.add_argument("--plot", type=Path, metavar="FILE", help="PNG: agreement and accuracy against size")
+    s.add_argument("--no-verify", action="store_true", help="run artifacts whose sha256 does not match the manifest")
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("classify", help="top-k class names with probabilities for images")
+    s.add_argument("artifact", type=Path)
+    s.add_argument("images", nargs="+", type=Path)
+    s.add_argument("--top", type=int, default=5)
+    s.add_argument("--threads", type=int)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--no-verify", action="store_true")
+    s.set_defaults(func=_cmd_classify)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # Import-time chatter of the converter stack (missing CUDA kernels, untested-version notes).
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        return int(args.func(args))
+    except EdgeConvNextError as e:
+        if args.verbose:
+            raise
+        print(f"edge-convnext {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,129 @@
+"""Recipes: the named ways to build an artifact, as data in one table.
+
+Artifact file names come from recipe names (``<recipe>.<ext>``). This module is pure data (no
+torch): the harness, the CLI's ``recipes`` listing and the gate read it on a device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
+
+from edge_convnext.errors import EdgeConvNextError
+
+
+class UnknownRecipeError(EdgeConvNextError, KeyError):
+    """A recipe name that is not in the table; the message lists the valid ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ArtifactFormat(Enum):
+    """An artifact format, with its file extension and the runtime that executes it."""
+
+    COREML = ("coreml", ".mlpackage", "Core ML")
+    TFLITE = ("tflite", ".tflite", "LiteRT")
+    EXECUTORCH = ("executorch", ".pte", "ExecuTorch")
+
+    def __init__(self, key: str, ext: str, runtime: str) -> None:
+        self.key = key
+        self.ext = ext
+        self.runtime = runtime
+
+    @classmethod
+    def from_path(cls, path: str) -> ArtifactFormat:
+        for f in cls:
+            if str(path).rstrip("/").endswith(f.ext):
+                return f
+        raise ValueError(f"{path}: unknown artifact type; expected one of {[f.ext for f in cls]}")
+
+
+FLOAT_PRECISIONS = frozenset({"fp32", "fp16"})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to build an artifact.
+
+    ``options`` are the backend's knobs; ``parity_max_abs`` is the build-time bound on the max abs
+    logit error against the float reference (float recipes only); ``runs_on`` says where its runtime
+    exists when that is narrower than "anywhere the runtime installs".
+    """
+
+    name: str
+    format: ArtifactFormat
+    precision: str
+    description: str
+    calibrated: bool = False
+    parity_max_abs: float | None = None
+    runs_on: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}{self.format.ext}"
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision not in FLOAT_PRECISIONS
+
+
+_C, _T, _E = ArtifactFormat.COREML, ArtifactFormat.TFLITE, ArtifactFormat.EXECUTORCH
+_FP32_BOUND = 1e-3  # max abs logit error of an fp32 artifact against the float reference
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("coreml-fp32", _C, "fp32", "ML program, fp32 compute", parity_max_abs=_FP32_BOUND,
+           options={"compute_precision": "fp32"}),
+    Recipe("coreml-fp16", _C, "fp16", "ML program, fp16 compute (the Neural Engine default)",
+           options={"compute_precision": "fp16"}),
+    Recipe("coreml-w8", _C, "w8", "fp16 program, 8-bit per-channel linear weight quantization",
+           options={"compute_precision": "fp16", "weights": "int8-per-channel"}),
+    Recipe("coreml-p4", _C, "p4", "fp16 program, 4-bit k-means palettized weights (grouped LUTs)",
+           options={"compute_precision": "fp16", "weights": "palettize-4bit"}),
+    Recipe("coreml-w8a8", _C, "w8a8", "8-bit weights and activations, calibrated (torch-side quantizer)",
+           calibrated=True, options={"compute_precision": "fp16", "weights": "int8", "activations": "int8"}),
+    Recipe("tflite-fp32", _T, "fp32", "float32", parity_max_abs=_FP32_BOUND),
+    Recipe("tflite-fp16", _T, "fp16", "float16 weights, float32 compute"),
+    Recipe("tflite-dynamic-int8", _T, "dynamic-int8", "dynamic-range int8: int8 weights, activations quantized on the fly"),
+    Recipe("tflite-int8", _T, "int8", "static int8 weights and activations, calibrated; float input/output",
+           calibrated=True),
+    Recipe("tflite-w8a16", _T, "w8a16", "int8 weights, int16 activations, calibrated", calibrated=True),
+    Recipe("executorch-xnnpack-fp32", _E, "fp32", "XNNPACK delegate, float32", parity_max_abs=_FP32_BOUND),
+    Recipe("executorch-xnnpack-int8", _E, "int8", "PT2E static per-channel int8, calibrated, XNNPACK delegate",
+           calibrated=True),
+    Recipe("executorch-portable-fp32", _E, "fp32", "no delegate (portable kernels)", parity_max_abs=_FP32_BOUND),
+    Recipe("executorch-coreml-fp16", _E, "fp16", "Core ML delegate, fp16 (exports on Linux; runs on Apple only)",
+           runs_on="Apple devices (ExecuTorch built with the Core ML backend)"),
+)
+
+_BY_NAME: dict[str, Recipe] = {r.name: r for r in RECIPES}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise UnknownRecipeError(f"unknown recipe {name!r}; valid recipes: {', '.join(_BY_NAME)}") from None
+
+
+def select_recipes(spec: str | Iterable[str]) -> list[Recipe]:
+    """``"all"``, a format key (``"tflite"``), or comma-separated names -> recipes in table order."""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not names:
+        raise UnknownRecipeError(f"no recipe given; valid recipes: all, {', '.join(_BY_NAME)}")
+    chosen: set[str] = set()
+    for n in names:
+        if n == "all":
+            chosen.update(_BY_NAME)
+        elif n in {f.key for f in ArtifactFormat}:
+            chosen.update(r.name for r in RECIPES if r.format.key == n)
+        else:
+            chosen.add(get_recipe(n).name)
+    return [r for r in RECIPES if r.name in chosen]
