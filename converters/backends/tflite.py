@@ -1,0 +1,314 @@
+"""TFLite / LiteRT backend: litert-torch converts, ai-edge-quantizer quantizes the ``.tflite`` file.
+
+Every recipe starts from the same float32 flatbuffer (``litert_torch.convert(model, (x,))``), whose
+interface stays float32 NCHW ``[1, 3, 224, 224]`` -> float32 ``[1, 1000]``: the converter inserts a
+TRANSPOSE to NHWC inside the graph. Then, by recipe precision:
+
+* ``fp32``: as converted.
+* ``fp16``: float16 weights for CONV/DEPTHWISE/FULLY_CONNECTED (ai-edge-quantizer float casting,
+  weight-only): DEQUANTIZE ops turn them back into float32, which XNNPACK folds at load time.
+* ``dynamic-int8``: ``dynamic_wi8_afp32`` (int8 per-channel weights, activations quantized on the fly).
+* ``int8`` / ``w8a16``: static quantization calibrated on real calibration images, with per-op
+  settings (see `_static_recipe`). Float input and output tensors: the quantizer inserts one
+  QUANTIZE after the input and the logits come out in float32.
+
+Finally tensor names lose their Python module paths, the manifest and labels are embedded
+(`tflite_flatbuffer.finalize`), the file is loaded and run once by the device runner, and the
+lowering report is read from the interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from converters.backends import tflite_flatbuffer as fb
+from converters.backends.tflite_lowering import lowering_report
+from converters.context import BuildContext, BuildResult
+from edge_convnext.errors import EdgeConvNextError
+from edge_convnext.manifest import TensorSpec, standard_input, standard_output
+from edge_convnext.runners import tflite as tflite_runner
+
+REQUIRES = ("litert_torch", "ai_edge_quantizer", "ai_edge_litert")
+
+# Which ops get static integer activations in `tflite-int8` (recipe option "int8_scope"):
+#   "all":     every op ai-edge-quantizer supports: convs, FCs, the decomposed LayerNorm (MEAN,
+#              SQUARED_DIFFERENCE, RSQRT, SUB, MUL, ADD), GELU and the residual ADDs.
+#   "ln16":    as "all", but the LayerNorm pieces take int16 activations (QUANTIZE ops requantize
+#              between int8 and int16 at each LayerNorm's edges).
+#   "compute": CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED only; LayerNorm, GELU and the adds
+#              stay float32 between QUANTIZE/DEQUANTIZE pairs.
+# "compute" is the default: on synthetic ConvNeXt-T it was ~5 dB SQNR more faithful than "all" (per-
+# tensor int8 through 23 LayerNorms and 18 GELUs adds up), as faithful as the PT2E route, and the only
+# scope XNNPACK runs as one partition (it takes no int8 RSQRT, SQUARED_DIFFERENCE, SUB, GELU or the
+# LayerNorm epsilon ADD, so "all" splits into ~88 partitions).
+INT8_SCOPES = ("all", "ln16", "compute")
+DEFAULT_INT8_SCOPE = "compute"
+_LAYERNORM_SCOPE = "LayerNorm"  # regex on op scopes: litert-torch names ops after their torch module
+_COMPUTE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+_fp32_cache: tuple[str, bytes, float] | None = None  # (weights fingerprint, flatbuffer, seconds)
+
+
+class TFLiteBuildError(EdgeConvNextError):
+    """The converter or quantizer produced no usable .tflite."""
+
+
+def build(ctx: BuildContext, out: Path) -> BuildResult:
+    """Write ``ctx.recipe``'s ``.tflite`` at ``out`` and describe it (see module doc)."""
+    precision = ctx.recipe.precision
+    if precision not in _QUANTIZE:
+        raise TFLiteBuildError(f"{ctx.recipe.name}: no TFLite build for precision {precision!r}")
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    result = BuildResult()
+    timings: dict[str, Any] = {}
+
+    fp32, convert_s, cached = _convert_fp32(ctx)
+    timings["convert_s"] = round(convert_s, 2)
+    if cached:
+        timings["convert_reused"] = True  # converted once for an earlier recipe of this run
+
+    t0 = time.perf_counter()
+    model, quant = _QUANTIZE[precision](ctx, fp32, result)
+    if precision != "fp32":
+        timings["quantize_s"] = round(time.perf_counter() - t0, 2)
+
+    files = {
+        tflite_runner.LABELS_NAME: ("\n".join(ctx.labels) + "\n").encode("utf-8"),
+        tflite_runner.MANIFEST_NAME: json.dumps(ctx.embedded_manifest, indent=2, sort_keys=True).encode("utf-8"),
+    }
+    out = Path(out)
+    out.write_bytes(fb.finalize(model, files))
+    where = (f"zip appended to the flatbuffer (TFLite Support associated-file layout) and flatbuffer "
+             f"metadata '{tflite_runner.METADATA_PREFIX}{{name}}'; read with edge_convnext.runners.tflite.read_embedded")
+    result.embedded = {name: where.format(name=name) for name in files}
+
+    result.input, result.output, check = _verify(ctx, out, files)
+    result.lowering = {
+        "converter": "litert-torch",
+        "interface": "float32 NCHW input; litert-torch inserts a TRANSPOSE to NHWC inside the graph",
+        **quant,
+        **lowering_report(out, threads=2),
+        "example_check": check,
+        "timings": timings,
+    }
+    ctx.log(f"{out.stat().st_size / 1e6:.1f} MB, {result.lowering['xnnpack']['partitions']} XNNPACK partition(s), "
+            f"example image max |logit - torch| = {check['max_abs_vs_torch']:.3g}")
+    return result
+
+
+# --- conversion -------------------------------------------------------------------------------
+
+
+def _convert_fp32(ctx: BuildContext) -> tuple[bytes, float, bool]:
+    """(float32 flatbuffer of ``ctx.model``, conversion seconds, reused?).
+
+    Converted once per weights in a process (15-60 s at full size) and kept in memory for the
+    run's other TFLite recipes, which all start from it.
+    """
+    global _fp32_cache
+    key = _fingerprint(ctx.model, ctx.example_input)
+    if _fp32_cache is not None and _fp32_cache[0] == key:
+        ctx.log(f"float32 flatbuffer: reusing this run's conversion ({_fp32_cache[2]:.0f} s)")
+        return _fp32_cache[1], _fp32_cache[2], True
+    import litert_torch
+
+    ctx.log("converting with litert-torch (torch.export -> TFLite)")
+    path = ctx.workdir / "fp32.tflite"
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        litert_torch.convert(ctx.model.eval(), (ctx.example_input,)).export(str(path))
+    data = path.read_bytes()
+    _fp32_cache = (key, data, time.perf_counter() - t0)
+    return data, _fp32_cache[2], False
+
+
+def _fingerprint(model: torch.nn.Module, example: torch.Tensor) -> str:
+    h = hashlib.sha256(f"{type(model).__qualname__}{tuple(example.shape)}".encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# --- quantization -----------------------------------------------------------------------------
+
+
+def _fp32(ctx: BuildContext, model: bytes, result: BuildResult) -> tuple[bytes, dict[str, Any]]:
+    return model, {"quantization": None}
+
+
+def _fp16(ctx: BuildContext, model: bytes, result: BuildResult) -> tuple[bytes, dict[str, Any]]:
+    from ai_edge_quantizer import qtyping, quantizer
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    ctx.log("float16 weights (ai-edge-quantizer float casting, weight-only)")
+    q = quantizer.Quantizer(model)
+    q.add_weight_only_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED, 16, algorithm_key=AlgorithmName.FLOAT_CASTING)
+    result.notes.append("float16 weights for CONV_2D/DEPTHWISE_CONV_2D/FULLY_CONNECTED; biases, LayerNorm "
+                        "parameters and all compute stay float32")
+    return _quantize(q), {"quantization": {"tool": "ai-edge-quantizer", "recipe": "weight-only float16 (float_casting)",
+                                           "config": _jsonable(q.get_quantization_recipe())}}
+
+
+def _dynamic_int8(ctx: BuildContext, model: bytes, result: BuildResult) -> tuple[bytes, dict[str, Any]]:
+    from ai_edge_quantizer import quantizer, recipe
+
+    ctx.log("dynamic-range int8 (ai-edge-quantizer dynamic_wi8_afp32)")
+    q = quantizer.Quantizer(model, recipe.dynamic_wi8_afp32())
+    return _quantize(q), {"quantization": {"tool": "ai-edge-quantizer", "recipe": "dynamic_wi8_afp32",
+                                           "config": _jsonable(q.get_quantization_recipe())}}
+
+
+def _static_int8(ctx: BuildContext, model: bytes, result: BuildResult) -> tuple[bytes, dict[str, Any]]:
+    scope = str(ctx.recipe.options.get("int8_scope", DEFAULT_INT8_SCOPE))
+    if scope not in INT8_SCOPES:
+        raise TFLiteBuildError(f"{ctx.recipe.name}: int8_scope {scope!r} is not one of {INT8_SCOPES}")
+    return _static(ctx, model, result, activation_bits=8, scope=scope)
+
+
+def _static_w8a16(ctx: BuildContext, model: bytes, result: BuildResult) -> tuple[bytes, dict[str, Any]]:
+    return _static(ctx, model, result, activation_bits=16, scope="all")
+
+
+def _static(ctx: BuildContext, model: bytes, result: BuildResult, activation_bits: int,
+            scope: str) -> tuple[bytes, dict[str, Any]]:
+    from ai_edge_quantizer import quantizer
+
+    model, flattened = fb.flatten_fc_biases(model)
+    q = quantizer.Quantizer(model)
+    head = _static_recipe(q, model, activation_bits, scope)
+    qsvs, used = _calibrate(ctx, model, q.get_quantization_recipe())
+    result.calibration_used = used
+    ctx.log(f"static int{activation_bits} activations ({scope}), calibrated on {used} images")
+    if flattened:
+        result.notes.append(f"{flattened} FULLY_CONNECTED biases reshaped [1,1,1,C] -> [C] before quantization "
+                            "(ai-edge-quantizer 0.10 would give them C scales on a size-1 axis, which LiteRT refuses)")
+    if head:
+        result.notes.append("classifier FULLY_CONNECTED is dynamic-range int8 (int8 weights, float32 logits): "
+                            "logits are not clipped to the range seen in calibration")
+    result.notes.append("activation ranges: absolute min/max over all calibration images (ai-edge-quantizer's "
+                        "default moving average keeps mostly the first images' ranges and clipped the logits)")
+    return _quantize(q, qsvs), {"quantization": {
+        "tool": "ai-edge-quantizer",
+        "recipe": f"static_wi8_ai{activation_bits} with per-op settings",
+        "activation_scope": scope,
+        "calibration": {"images": used, "ranges": "absolute min/max"},
+        "config": _jsonable(q.get_quantization_recipe()),
+    }}
+
+
+def _static_recipe(q: Any, model: bytes, activation_bits: int, scope: str) -> bool:
+    """Load the static recipe into ``q``; returns whether the classifier head was made dynamic.
+
+    Later entries win: the base config, then the per-op exceptions (float I/O, head, LayerNorm).
+    """
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    op = qtyping.TFLOperationName
+    ops = [op.ALL_SUPPORTED] if scope in ("all", "ln16") else [op(name) for name in _COMPUTE_OPS]
+    for o in ops:
+        q.add_static_config(".*", o, activation_num_bits=activation_bits, weight_num_bits=8)
+    # Float input and output: QUANTIZE after the input, float logits out.
+    for o in (op.INPUT, op.OUTPUT):
+        q.update_quantization_recipe(".*", o, algorithm_key=AlgorithmName.NO_QUANTIZE)
+    if scope == "ln16":
+        q.add_static_config(_LAYERNORM_SCOPE, op.ALL_SUPPORTED, activation_num_bits=16, weight_num_bits=8)
+    last = fb.graph_output_op(model)
+    if last is None or last[0] != "FULLY_CONNECTED":
+        return False
+    q.add_dynamic_config(fb.scope_regex(last[1]), op.FULLY_CONNECTED, num_bits=8)
+    return True
+
+
+def _calibrate(ctx: BuildContext, model: bytes, quant_recipe: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """Activation ranges over ``ctx.calibration_count`` real calibration images -> (QSVs, images used)."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import calibrator, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
+
+    images = [np.ascontiguousarray(x, dtype=np.float32) for x in ctx.calibration_images(ctx.calibration_count)]
+    if not images:
+        raise TFLiteBuildError(f"{ctx.recipe.name}: static quantization needs calibration images; got none")
+    signature, inputs = next(iter(Interpreter(model_content=model).get_signature_list().items()))
+    name = inputs["inputs"][0]
+    rm = recipe_manager.RecipeManager()
+    rm.load_quantization_recipe(quant_recipe)
+    ctx.log(f"calibrating on {len(images)} calibration images")
+    with _quiet(), warnings.catch_warnings():
+        # The calibrator reads every intermediate tensor, which the interpreter warns is for debugging.
+        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
+        calib = calibrator.Calibrator(model, num_threads=max(1, torch.get_num_threads()),
+                                      qsv_update_func=qsv_utils.min_max_update)
+        calib.calibrate({signature: [{name: x} for x in images]}, rm)
+    return calib.get_model_qsvs(), len(images)
+
+
+def _quantize(q: Any, calibration: dict[str, Any] | None = None) -> bytes:
+    with _quiet():
+        res = q.quantize(calibration, enable_progress_bar=False, enable_progress_report=False)
+    if res.quantized_model is None:
+        raise TFLiteBuildError("ai-edge-quantizer returned no model")
+    return bytes(res.quantized_model)
+
+
+_QUANTIZE = {
+    "fp32": _fp32,
+    "fp16": _fp16,
+    "dynamic-int8": _dynamic_int8,
+    "int8": _static_int8,
+    "w8a16": _static_w8a16,
+}
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def _verify(ctx: BuildContext, path: Path, files: dict[str, bytes]) -> tuple[TensorSpec, TensorSpec, dict[str, Any]]:
+    """Load the artifact with the device runner, run the example image, read the embedded files back."""
+    runner = tflite_runner.open(path, threads=2)
+    x = ctx.example_input.detach().cpu().numpy().astype(np.float32)
+    got = runner.run(x)
+    with torch.no_grad():
+        want = ctx.model(ctx.example_input).detach().cpu().numpy()
+    if got.shape != want.shape or not np.all(np.isfinite(got)):
+        raise TFLiteBuildError(f"{path}: output {got.shape} (finite: {np.all(np.isfinite(got))}) for one image; "
+                               f"expected finite {want.shape}")
+    embedded = tflite_runner.read_embedded(path)
+    if any(embedded.get(k) != v for k, v in files.items()):
+        raise TFLiteBuildError(f"{path}: embedded files do not read back intact")
+    details = runner.interpreter.get_input_details()[0], runner.interpreter.get_output_details()[0]
+    specs = (_spec(standard_input(), details[0]), _spec(standard_output(), details[1]))
+    return *specs, {"images": 1, "max_abs_vs_torch": float(np.max(np.abs(got - want))),
+                    "top1_equal": bool(np.argmax(got) == np.argmax(want))}
+
+
+def _spec(standard: TensorSpec, d: dict[str, Any]) -> TensorSpec:
+    """The standard spec, with dtype/quantization from the model if its tensor is integer."""
+    dtype = np.dtype(d["dtype"]).name
+    if dtype == standard.dtype:
+        return standard
+    scale, zero_point = d["quantization"]
+    return TensorSpec(standard.name, standard.shape, dtype, standard.layout, standard.range, standard.description,
+                      {"scale": float(scale), "zero_point": float(zero_point)})
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Swallow the quantizer's tqdm bars and size report (stdout/stderr); errors still propagate."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: getattr(o, "value", str(o))))

@@ -1,0 +1,139 @@
+"""Edits of a TFLite flatbuffer: bias-shape fix before quantization, embedded files, graph facts.
+
+Uses the flatbuffer object API shipped with ``ai_edge_litert`` (``schema_py_generated`` and
+``tools.flatbuffer_utils``); nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from collections.abc import Mapping
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+from edge_convnext.runners.tflite import METADATA_PREFIX
+
+_FULLY_CONNECTED = schema.BuiltinOperator.FULLY_CONNECTED
+
+
+def _read(model: bytes) -> schema.ModelT:
+    # read_model_from_bytearray also inlines the buffers kept after the flatbuffer (ai-edge-quantizer
+    # writes its outputs that way), as bytearray slices: make them uint8 arrays, which Pack() writes
+    # in one copy instead of byte by byte (minutes for 30 MB of weights).
+    m = fbu.read_model_from_bytearray(bytearray(model))
+    for buf in m.buffers or []:
+        if buf.data is not None and not isinstance(buf.data, np.ndarray):
+            buf.data = np.frombuffer(bytes(buf.data), dtype=np.uint8)
+    return m
+
+
+def _write(m: schema.ModelT) -> bytes:
+    return bytes(fbu.convert_object_to_bytearray(m))
+
+
+def flatten_fc_biases(model: bytes) -> tuple[bytes, int]:
+    """Give every FULLY_CONNECTED bias the 1-D shape ``[C]``; returns (model, number changed).
+
+    litert-torch folds ConvNeXt's layer scale into ``pwconv2`` and leaves that bias shaped
+    ``[1, 1, 1, C]``. ai-edge-quantizer 0.10 quantizes a bias per channel along dimension 0, so the
+    int32 bias gets C scales on a dimension of size 1, and the interpreter refuses the file
+    ("num_scales must be 1 for per-layer quantization ... got 768"). The values and the float
+    results are unchanged; only the shape metadata of a constant is rewritten.
+    """
+    m = _read(model)
+    changed = 0
+    for sg in m.subgraphs:
+        for op in sg.operators:
+            if fbu.get_builtin_code_from_operator_code(m.operatorCodes[op.opcodeIndex]) != _FULLY_CONNECTED:
+                continue
+            if len(op.inputs) < 3 or op.inputs[2] < 0:
+                continue
+            bias = sg.tensors[op.inputs[2]]
+            shape = [int(d) for d in bias.shape]
+            if len(shape) > 1:
+                bias.shape = [int(np.prod(shape))]
+                bias.shapeSignature = None
+                changed += 1
+    return (_write(m), changed) if changed else (model, 0)
+
+
+def graph_output_op(model: bytes) -> tuple[str, str] | None:
+    """(op name, output tensor name) of the op that writes the model's single output, or None."""
+    m = _read(model)
+    sg = m.subgraphs[0]
+    if len(sg.outputs) != 1:
+        return None
+    for op in sg.operators:
+        if sg.outputs[0] in list(op.outputs):
+            name = fbu.opcode_to_name(m, op.opcodeIndex) or "?"
+            return name, sg.tensors[sg.outputs[0]].name.decode("utf-8")
+    return None
+
+
+def scope_regex(tensor_name: str) -> str:
+    """ai-edge-quantizer regex matching exactly the op whose only output is ``tensor_name``.
+
+    The quantizer names an op's scope by its output tensor names joined with ';' plus a trailing ';'.
+    """
+    return f"^{re.escape(tensor_name)};$"
+
+
+def finalize(model: bytes, files: Mapping[str, bytes]) -> bytes:
+    """Shorten tensor names (`short_tensor_name`) and embed ``files`` twice: as flatbuffer
+    ``metadata`` entries and as a zip appended to the flatbuffer.
+
+    The zip follows TFLite Support's metadata populator (stored uncompressed after the model, so the
+    interpreter ignores it and ``zipfile`` lists the files); the metadata entries
+    (``edge_convnext/<name>``) survive tools that re-serialize the flatbuffer and drop trailing bytes.
+    """
+    m = _read(model)
+    for sg in m.subgraphs:
+        for t in sg.tensors:
+            if t.name:
+                t.name = short_tensor_name(t.name.decode("utf-8") if isinstance(t.name, bytes) else t.name)
+    names = {f"{METADATA_PREFIX}{n}" for n in files}
+    m.metadata = [e for e in (m.metadata or []) if _name(e) not in names]
+    for name, data in files.items():
+        buf = schema.BufferT()
+        buf.data = np.frombuffer(data, dtype=np.uint8)
+        m.buffers.append(buf)
+        entry = schema.MetadataT()
+        entry.name = f"{METADATA_PREFIX}{name}"
+        entry.buffer = len(m.buffers) - 1
+        m.metadata.append(entry)
+    out = io.BytesIO()
+    out.write(_write(m))
+    with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as z:
+        for name, data in files.items():
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # fixed: same inputs, same bytes
+            info.compress_type = zipfile.ZIP_STORED
+            z.writestr(info, data)
+    return out.getvalue()
+
+
+def short_tensor_name(name: str) -> str:
+    """Drop Python module paths from litert-torch's scope names, keeping the module hierarchy.
+
+    ``converters.model.ExportClassifier/transformers.models.convnext.modeling_convnext.ConvNextStage_3/
+    torch.nn.modules.linear.Linear_pwconv2;1`` -> ``ExportClassifier/ConvNextStage_3/Linear_pwconv2;1``.
+    Empty and repeated ';'-joined parts are dropped. Saves ~150 kB at full size, which keeps the int8 file
+    under 30 MB; names carry no meaning for the interpreter (signatures refer to tensor indices).
+    """
+    parts: list[str] = []
+    for part in name.split(";"):
+        short = "/".join(_MODULE_PATH.sub("", c) for c in part.split("/"))
+        if short and short not in parts:
+            parts.append(short)
+    return ";".join(parts) or name
+
+
+_MODULE_PATH = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*\.)+(?=[A-Za-z_])")
+
+
+def _name(entry: schema.MetadataT) -> str:
+    n = entry.name
+    return n.decode("utf-8") if isinstance(n, bytes) else str(n)
