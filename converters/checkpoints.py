@@ -13,17 +13,61 @@ Formats:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from edge_convnext.errors import WeightsError
 
 StateDict = dict[str, Any]
 
-_BLOCK_PARTS_OFFICIAL = {"dwconv": "dwconv", "norm": "layernorm", "pwconv1": "pwconv1", "pwconv2": "pwconv2"}
-_BLOCK_PARTS_TIMM = {"conv_dw": "dwconv", "norm": "layernorm", "mlp.fc1": "pwconv1", "mlp.fc2": "pwconv2"}
-_BLOCK_PARTS_TV = {"0": "dwconv", "2": "layernorm", "3": "pwconv1", "5": "pwconv2"}
 _ENC = "convnext.encoder.stages"
+_EMB = "convnext.embeddings"
+
+# (pattern, replacement) rules per format, tried in order; the first that matches renames the key.
+# Keys no rule matches are reported; the renamed dict is then checked against the model's own keys.
+_RULES: dict[str, list[tuple[str, str]]] = {
+    "official": [
+        (r"^downsample_layers\.0\.0\.", f"{_EMB}.patch_embeddings."),
+        (r"^downsample_layers\.0\.1\.", f"{_EMB}.layernorm."),
+        (r"^downsample_layers\.(\d+)\.([01])\.", rf"{_ENC}.\1.downsampling_layer.\2."),
+        (r"^stages\.(\d+)\.(\d+)\.gamma$", rf"{_ENC}.\1.layers.\2.layer_scale_parameter"),
+        (r"^stages\.(\d+)\.(\d+)\.norm\.", rf"{_ENC}.\1.layers.\2.layernorm."),
+        (r"^stages\.(\d+)\.(\d+)\.(dwconv|pwconv1|pwconv2)\.", rf"{_ENC}.\1.layers.\2.\3."),
+        (r"^norm\.", "convnext.layernorm."),
+        (r"^head\.", "classifier."),
+    ],
+    "timm": [
+        (r"^stem\.0\.", f"{_EMB}.patch_embeddings."),
+        (r"^stem\.1\.", f"{_EMB}.layernorm."),
+        (r"^stages\.(\d+)\.downsample\.([01])\.", rf"{_ENC}.\1.downsampling_layer.\2."),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.gamma$", rf"{_ENC}.\1.layers.\2.layer_scale_parameter"),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", rf"{_ENC}.\1.layers.\2.dwconv."),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.norm\.", rf"{_ENC}.\1.layers.\2.layernorm."),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc([12])\.", rf"{_ENC}.\1.layers.\2.pwconv\3."),
+        (r"^head\.norm\.", "convnext.layernorm."),
+        (r"^head\.fc\.", "classifier."),
+    ],
+    # torchvision's features: [stem, stage 0, downsample 1, stage 1, downsample 2, stage 2, downsample 3, stage 3]
+    # and each block is Sequential(dwconv 0, permute 1, norm 2, fc1 3, gelu 4, fc2 5, permute 6).
+    "torchvision": [
+        (r"^features\.0\.0\.", f"{_EMB}.patch_embeddings."),
+        (r"^features\.0\.1\.", f"{_EMB}.layernorm."),
+        *[(rf"^features\.{2 * i}\.([01])\.", rf"{_ENC}.{i}.downsampling_layer.\1.") for i in (1, 2, 3)],
+        *[
+            rule
+            for i in range(4)
+            for rule in (
+                (rf"^features\.{2 * i + 1}\.(\d+)\.layer_scale$", rf"{_ENC}.{i}.layers.\1.layer_scale_parameter"),
+                (rf"^features\.{2 * i + 1}\.(\d+)\.block\.0\.", rf"{_ENC}.{i}.layers.\1.dwconv."),
+                (rf"^features\.{2 * i + 1}\.(\d+)\.block\.2\.", rf"{_ENC}.{i}.layers.\1.layernorm."),
+                (rf"^features\.{2 * i + 1}\.(\d+)\.block\.3\.", rf"{_ENC}.{i}.layers.\1.pwconv1."),
+                (rf"^features\.{2 * i + 1}\.(\d+)\.block\.5\.", rf"{_ENC}.{i}.layers.\1.pwconv2."),
+            )
+        ],
+        (r"^classifier\.0\.", "convnext.layernorm."),
+        (r"^classifier\.2\.", "classifier."),
+    ],
+}
 
 
 def detect_format(sd: Mapping[str, Any]) -> str:
@@ -63,84 +107,22 @@ def _strip_module_prefix(sd: StateDict) -> StateDict:
     return sd
 
 
-def _map_official(k: str) -> str | None:
-    if m := re.fullmatch(r"downsample_layers\.0\.0\.(weight|bias)", k):
-        return f"convnext.embeddings.patch_embeddings.{m[1]}"
-    if m := re.fullmatch(r"downsample_layers\.0\.1\.(weight|bias)", k):
-        return f"convnext.embeddings.layernorm.{m[1]}"
-    if m := re.fullmatch(r"downsample_layers\.(\d+)\.([01])\.(weight|bias)", k):
-        return f"{_ENC}.{m[1]}.downsampling_layer.{m[2]}.{m[3]}"
-    if m := re.fullmatch(r"stages\.(\d+)\.(\d+)\.gamma", k):
-        return f"{_ENC}.{m[1]}.layers.{m[2]}.layer_scale_parameter"
-    if m := re.fullmatch(r"stages\.(\d+)\.(\d+)\.(dwconv|norm|pwconv1|pwconv2)\.(weight|bias)", k):
-        return f"{_ENC}.{m[1]}.layers.{m[2]}.{_BLOCK_PARTS_OFFICIAL[m[3]]}.{m[4]}"
-    if m := re.fullmatch(r"norm\.(weight|bias)", k):
-        return f"convnext.layernorm.{m[1]}"
-    if m := re.fullmatch(r"head\.(weight|bias)", k):
-        return f"classifier.{m[1]}"
+def _rename(key: str, fmt: str) -> str | None:
+    if fmt == "hf":
+        return key
+    for pattern, repl in _RULES[fmt]:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
     return None
-
-
-def _map_timm(k: str) -> str | None:
-    if m := re.fullmatch(r"stem\.0\.(weight|bias)", k):
-        return f"convnext.embeddings.patch_embeddings.{m[1]}"
-    if m := re.fullmatch(r"stem\.1\.(weight|bias)", k):
-        return f"convnext.embeddings.layernorm.{m[1]}"
-    if m := re.fullmatch(r"stages\.(\d+)\.downsample\.([01])\.(weight|bias)", k):
-        return f"{_ENC}.{m[1]}.downsampling_layer.{m[2]}.{m[3]}"
-    if m := re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.gamma", k):
-        return f"{_ENC}.{m[1]}.layers.{m[2]}.layer_scale_parameter"
-    if m := re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(conv_dw|norm|mlp\.fc1|mlp\.fc2)\.(weight|bias)", k):
-        return f"{_ENC}.{m[1]}.layers.{m[2]}.{_BLOCK_PARTS_TIMM[m[3]]}.{m[4]}"
-    if m := re.fullmatch(r"head\.norm\.(weight|bias)", k):
-        return f"convnext.layernorm.{m[1]}"
-    if m := re.fullmatch(r"head\.fc\.(weight|bias)", k):
-        return f"classifier.{m[1]}"
-    return None
-
-
-def _map_torchvision(k: str) -> str | None:
-    # features: [stem, stage0, down1, stage1, down2, stage2, down3, stage3]
-    if m := re.fullmatch(r"features\.0\.0\.(weight|bias)", k):
-        return f"convnext.embeddings.patch_embeddings.{m[1]}"
-    if m := re.fullmatch(r"features\.0\.1\.(weight|bias)", k):
-        return f"convnext.embeddings.layernorm.{m[1]}"
-    if m := re.fullmatch(r"features\.(\d+)\.([01])\.(weight|bias)", k):
-        f = int(m[1])
-        if f % 2 == 0:
-            return f"{_ENC}.{f // 2}.downsampling_layer.{m[2]}.{m[3]}"
-    if m := re.fullmatch(r"features\.(\d+)\.(\d+)\.layer_scale", k):
-        f = int(m[1])
-        if f % 2 == 1:
-            return f"{_ENC}.{f // 2}.layers.{m[2]}.layer_scale_parameter"
-    if m := re.fullmatch(r"features\.(\d+)\.(\d+)\.block\.([0235])\.(weight|bias)", k):
-        f = int(m[1])
-        if f % 2 == 1:
-            return f"{_ENC}.{f // 2}.layers.{m[2]}.{_BLOCK_PARTS_TV[m[3]]}.{m[4]}"
-    if m := re.fullmatch(r"classifier\.0\.(weight|bias)", k):
-        return f"convnext.layernorm.{m[1]}"
-    if m := re.fullmatch(r"classifier\.2\.(weight|bias)", k):
-        return f"classifier.{m[1]}"
-    return None
-
-
-_MAPPERS: dict[str, Callable[[str], str | None]] = {
-    "hf": lambda k: k,
-    "official": _map_official,
-    "timm": _map_timm,
-    "torchvision": _map_torchvision,
-}
 
 
 def to_hf(sd: Mapping[str, Any], fmt: str) -> StateDict:
     """Rename a state dict of format ``fmt`` to transformers' keys; unknown keys raise `WeightsError`."""
-    mapper = _MAPPERS[fmt]
     out: StateDict = {}
     unknown = []
     for k, v in sd.items():
-        if fmt == "timm" and k.startswith("head.") and k.endswith("num_batches_tracked"):
-            continue
-        new = mapper(k)
+        new = _rename(k, fmt)
         if new is None:
             unknown.append(k)
             continue
