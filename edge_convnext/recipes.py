@@ -93,7 +93,9 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("tflite-fp16", _T, "fp16", "float16 weights, float32 compute"),
     Recipe("tflite-dynamic-int8", _T, "dynamic-int8", "dynamic-range int8: int8 weights, activations quantized on the fly"),
     Recipe("tflite-int8", _T, "int8", "static int8 weights and activations, calibrated; float input/output",
-           calibrated=True),
+           calibrated=True, options={"int8_scope": "compute"}),
+    Recipe("tflite-int8-all", _T, "int8", "static int8 including LayerNorm, GELU and residual adds "
+           "(for integer-only accelerators), calibrated", calibrated=True, options={"int8_scope": "all"}),
     Recipe("tflite-w8a16", _T, "w8a16", "int8 weights, int16 activations, calibrated", calibrated=True),
     Recipe("executorch-xnnpack-fp32", _E, "fp32", "XNNPACK delegate, float32", parity_max_abs=_FP32_BOUND),
     Recipe("executorch-xnnpack-int8", _E, "int8", "PT2E static per-channel int8, calibrated, XNNPACK delegate",
