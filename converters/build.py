@@ -178,7 +178,7 @@ def _build_one(
                 manifest.calibration["count"] = result.calibration_used
                 manifest.calibration["image_ids"] = list(calibration.used_ids[: result.calibration_used])
             stamp(tmp, manifest)
-            manifest.parity = _parity(tmp, manifest, reference, subset, opts)
+            manifest.parity = _parity(tmp, final, manifest, reference, subset, opts)
             if manifest.parity.get("passed") is False:
                 raise ParityError(
                     f"{recipe.name}: max abs logit error {manifest.parity['max_abs']:.3g} exceeds the bound "
@@ -190,14 +190,14 @@ def _build_one(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _parity(artifact: Path, m: Manifest, reference: StoredReference, subset: ImageNetSubset,
+def _parity(artifact: Path, final: Path, m: Manifest, reference: StoredReference, subset: ImageNetSubset,
             opts: ConvertOptions) -> dict[str, Any]:
-    """Run the fresh artifact on the first evaluation images and compare with the stored reference."""
+    """Run the fresh ``artifact`` (still at its temporary path) on the first evaluation images."""
     recipe_bound = get_recipe(m.recipe).parity_max_abs
     try:
         runner = open_runner(artifact, m, threads=opts.threads)
     except RuntimeUnavailable as e:
-        return {"status": "not runnable here", "reason": str(e)}
+        return {"status": "not runnable here", "reason": str(e).replace(str(artifact), str(final))}
     ids = reference.image_ids[: opts.parity_images]
     by_id = {s.image_id: s for s in subset.samples}
     p = Preprocessing.from_dict(m.preprocessing)

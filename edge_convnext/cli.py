@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -106,6 +107,14 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return 0 if all(r.error is None for r in results) else 1
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from edge_convnext.bench import bench, table
+
+    timings = bench(args.paths, runs=args.runs, warmup=args.warmup, threads=args.threads, image=args.image)
+    print(table(timings, args.threads))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-convnext", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"edge-convnext {__version__}")
@@ -164,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-verify", action="store_true", help="run artifacts whose sha256 does not match the manifest")
     s.set_defaults(func=_cmd_eval)
 
+    s = sub.add_parser("bench", help="latency of artifacts here, with ratios against each format's fp32")
+    s.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="artifacts or artifact directories")
+    s.add_argument("--runs", type=int, default=20)
+    s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--threads", type=int)
+    s.add_argument("--image", type=Path, help="image to run (default: a fixed random tensor)")
+    s.set_defaults(func=_cmd_bench)
+
     s = sub.add_parser("classify", help="top-k class names with probabilities for images")
     s.add_argument("artifact", type=Path)
     s.add_argument("images", nargs="+", type=Path)
@@ -183,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Import-time chatter of the converter stack (missing CUDA kernels, untested-version notes).
         for name in _NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return int(args.func(args))
     except EdgeConvNextError as e:

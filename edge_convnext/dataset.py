@@ -70,9 +70,11 @@ def locate_data_dir(explicit: Path | None = None) -> Path:
     if os.environ.get(DATA_ENV):
         return locate_data_dir(Path(os.environ[DATA_ENV]))
     repo = Path(__file__).resolve().parents[1]
-    for cand in (repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"):
-        if (cand / "imagenet_val").is_dir():
-            return cand
+    cwd = Path.cwd().resolve()
+    for base in (repo, cwd, *list(cwd.parents)[:3]):
+        for cand in (base / "shared" / "data", base.parent / "shared" / "data"):
+            if (cand / "imagenet_val").is_dir():
+                return cand
     raise DataError(
         "no ImageNet validation data found (looked for ../shared/data beside the repository); "
         f"pass --data DIR or set {DATA_ENV}"

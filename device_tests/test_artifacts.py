@@ -1,0 +1,68 @@
+"""Each artifact: intact, loadable here, faithful on the shared preprocessing, and within its gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_convnext.cli import DEFAULT_GATE
+from edge_convnext.dataset import load_subset
+from edge_convnext.errors import RuntimeUnavailable
+from edge_convnext.evaluate import EvalOptions, evaluate_paths
+from edge_convnext.gate import check_gate, load_gate
+from edge_convnext.labels import read_labels
+from edge_convnext.manifest import manifest_path, read_manifest, verify_artifact
+from edge_convnext.preprocessing import Preprocessing, preprocess_file
+from edge_convnext.recipes import get_recipe
+from edge_convnext.reference import REFERENCE_FILE, load_reference
+from edge_convnext.runners import open_runner
+
+
+def _runner_or_skip(artifact: Path, threads: int | None):
+    m = read_manifest(manifest_path(artifact))
+    try:
+        return m, open_runner(artifact, m, threads=threads)
+    except RuntimeUnavailable as e:
+        pytest.skip(f"not runnable on this device: {e}")
+
+
+def test_manifest_sha256_and_labels(artifact: Path) -> None:
+    m = read_manifest(manifest_path(artifact))
+    verify_artifact(artifact, m)
+    labels = read_labels(artifact.parent / m.labels["file"])
+    assert len(labels) == m.labels["count"] == m.output.shape[-1]
+    assert tuple(m.input.shape) == (1, 3, 224, 224) and m.input.layout == "NCHW"
+
+
+def test_runs_the_stored_reference_images(artifact: Path, artifacts_dir: Path, pytestconfig) -> None:
+    """The shared preprocessing + this runtime give finite logits; fp32 artifacts match the reference tightly."""
+    m, runner = _runner_or_skip(artifact, pytestconfig.getoption("--threads"))
+    ref = load_reference(artifacts_dir / REFERENCE_FILE)
+    subset = load_subset(pytestconfig.getoption("--data"))
+    by_id = {s.image_id: s for s in subset.samples}
+    ids = ref.image_ids[:4]
+    x = np.stack([preprocess_file(by_id[i].path, Preprocessing.from_dict(m.preprocessing)) for i in ids])
+    got = runner.run(x)
+    assert got.shape == (4, m.output.shape[-1]) and got.dtype == np.float32
+    assert np.isfinite(got).all()
+    bound = get_recipe(m.recipe).parity_max_abs
+    if bound is not None:
+        err = float(np.abs(got - ref.logits[ref.rows(ids)]).max())
+        assert err <= bound, f"{artifact.name}: max abs logit error {err:.3g} > {bound:g} on this device"
+
+
+def test_meets_its_gate(artifact: Path, artifacts_dir: Path, pytestconfig) -> None:
+    _runner_or_skip(artifact, pytestconfig.getoption("--threads"))
+    opts = EvalOptions(data=pytestconfig.getoption("--data"), limit=pytestconfig.getoption("--limit"),
+                       threads=pytestconfig.getoption("--threads"))
+    run = evaluate_paths([artifact], opts)
+    result = run.results[0]
+    assert result.status == "ok", result.reason
+    gate_file = pytestconfig.getoption("--gate") or DEFAULT_GATE
+    gate = load_gate(Path(gate_file))
+    assert result.recipe in gate.recipes, f"{gate_file} has no thresholds for {result.recipe}"
+    verdict = check_gate(run, gate)
+    failures = [f"{c.metric}: {c.actual} (limit {c.limit}) {c.note}" for c in verdict.failures]
+    assert not failures, f"{artifact.name} misses its gate: " + "; ".join(failures)

@@ -1,0 +1,161 @@
+"""The CI gate: per-recipe thresholds from a data file, and regressions against a baseline file.
+
+Gate file (JSON, ``edge_convnext/gates/default.json``)::
+
+    {"schema": "edge-convnext/gate/v1", "min_images": 100,
+     "baseline_tolerance": {"top1_agreement": 0.01, "sqnr_db": 1.0},
+     "recipes": {"tflite-fp32": {"min_top1_agreement": 0.999, "min_sqnr_db": 80, "max_top1_drop": 0.002}, ...}}
+
+A recipe may say ``"required": false`` (with a ``"reason"``) when its runtime cannot exist on CI hosts;
+every other gated artifact that cannot run fails the gate. Artifacts whose recipe the file does not
+name are reported as "not gated", never silently passed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_convnext.errors import ManifestError
+from edge_convnext.evaluate import ArtifactResult, EvalRun
+
+GATE_SCHEMA = "edge-convnext/gate/v1"
+BASELINE_SCHEMA = "edge-convnext/baseline/v1"
+_KNOWN_KEYS = {"min_top1_agreement", "min_top5_overlap", "min_sqnr_db", "max_top1_drop", "max_kl", "required",
+               "reason", "measured"}
+
+
+@dataclass(frozen=True)
+class Gate:
+    recipes: dict[str, dict[str, Any]]
+    min_images: int = 1
+    baseline_tolerance: dict[str, float] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass
+class Check:
+    recipe: str
+    metric: str
+    actual: float | None
+    limit: float | None
+    passed: bool
+    note: str = ""
+
+    def __post_init__(self) -> None:  # NumPy scalars would break the JSON report
+        self.passed = bool(self.passed)
+        self.actual = None if self.actual is None else float(self.actual)
+        self.limit = None if self.limit is None else float(self.limit)
+
+
+@dataclass
+class GateResult:
+    checks: list[Check]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+
+def load_gate(path: Path) -> Gate:
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read gate file ({e})") from e
+    if d.get("schema") != GATE_SCHEMA or not isinstance(d.get("recipes"), dict):
+        raise ManifestError(f"{path}: not a gate file (schema {GATE_SCHEMA!r} with a 'recipes' object)")
+    for name, t in d["recipes"].items():
+        unknown = set(t) - _KNOWN_KEYS
+        if unknown:
+            raise ManifestError(f"{path}: recipe {name}: unknown threshold(s) {sorted(unknown)}")
+    return Gate(d["recipes"], int(d.get("min_images", 1)), dict(d.get("baseline_tolerance", {})), str(path))
+
+
+def check_gate(run: EvalRun, gate: Gate, baseline: Path | None = None) -> GateResult:
+    out = GateResult([])
+    base = _load_baseline(baseline, run, out) if baseline else {}
+    for r in run.results:
+        t = gate.recipes.get(r.recipe)
+        if t is None:
+            out.notes.append(f"{r.recipe}: not gated (no thresholds in {gate.source})")
+            continue
+        if r.status != "ok":
+            required = t.get("required", True)
+            note = f"{r.status}: {r.reason}" + ("" if required else f" (not required: {t.get('reason', '')})")
+            out.checks.append(Check(r.recipe, "ran", None, None, not required, note))
+            continue
+        out.checks.append(Check(r.recipe, "images", r.images, gate.min_images, r.images >= gate.min_images))
+        out.checks += _thresholds(r, t)
+        if r.recipe in base:
+            out.checks += _regressions(r, base[r.recipe], gate.baseline_tolerance)
+    return out
+
+
+def _thresholds(r: ArtifactResult, t: dict[str, Any]) -> list[Check]:
+    f = r.fidelity
+    assert f is not None
+    checks = []
+    if "min_top1_agreement" in t:
+        checks.append(Check(r.recipe, "top1_agreement", f.top1_agreement, t["min_top1_agreement"],
+                            f.top1_agreement >= t["min_top1_agreement"]))
+    if "min_top5_overlap" in t:
+        checks.append(Check(r.recipe, "top5_overlap", f.top5_overlap, t["min_top5_overlap"],
+                            f.top5_overlap >= t["min_top5_overlap"]))
+    if "min_sqnr_db" in t:
+        checks.append(Check(r.recipe, "sqnr_db", f.sqnr_db, t["min_sqnr_db"], f.sqnr_db >= t["min_sqnr_db"]))
+    if "max_kl" in t:
+        checks.append(Check(r.recipe, "kl", f.kl, t["max_kl"], f.kl <= t["max_kl"]))
+    if "max_top1_drop" in t and r.top1 is not None and r.reference_top1 is not None:
+        drop = r.reference_top1 - r.top1
+        checks.append(Check(r.recipe, "top1_drop", drop, t["max_top1_drop"], drop <= t["max_top1_drop"]))
+    return checks
+
+
+def _regressions(r: ArtifactResult, base: dict[str, float], tol: dict[str, float]) -> list[Check]:
+    assert r.fidelity is not None
+    checks = []
+    for metric, tolerance in tol.items():
+        if metric not in base:
+            continue
+        actual = getattr(r.fidelity, metric, None)
+        if actual is None:
+            continue
+        limit = base[metric] - tolerance
+        checks.append(Check(r.recipe, f"{metric} vs baseline", actual, limit, actual >= limit,
+                            f"baseline {base[metric]:.4g}"))
+    return checks
+
+
+def _load_baseline(path: Path, run: EvalRun, out: GateResult) -> dict[str, dict[str, float]]:
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        out.notes.append(f"{path}: no baseline yet; write one with --write-baseline")
+        return {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read baseline ({e})") from e
+    if d.get("schema") != BASELINE_SCHEMA:
+        raise ManifestError(f"{path}: not a baseline file (schema {BASELINE_SCHEMA!r})")
+    if d.get("weights_sha256") != run.weights.get("sha256"):
+        out.notes.append(f"{path}: baseline is for other weights ({d.get('weights_source')}); regressions not checked")
+        return {}
+    return dict(d.get("recipes", {}))
+
+
+def baseline_dict(run: EvalRun) -> dict[str, Any]:
+    """This run's numbers in baseline form (what --write-baseline saves)."""
+    recipes = {
+        r.recipe: {"top1_agreement": r.fidelity.top1_agreement, "top5_overlap": r.fidelity.top5_overlap,
+                   "sqnr_db": r.fidelity.sqnr_db, "images": r.images}
+        for r in run.results if r.status == "ok" and r.fidelity
+    }
+    return {"schema": BASELINE_SCHEMA, "weights_source": run.weights.get("source"),
+            "weights_sha256": run.weights.get("sha256"), "data": run.data, "recipes": recipes}

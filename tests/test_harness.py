@@ -1,0 +1,252 @@
+"""convert -> eval -> gate -> reports -> classify, end to end on the tiny architecture.
+
+Broken artifacts (normalization left out, one block perturbed) must fail the gate; faithful ones pass.
+Bad inputs (changed sha256, truncated artifact, unreadable image, wrong input shape) give clear errors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from converters.backends import get_builder  # noqa: E402
+from converters.build import ConvertOptions, convert  # noqa: E402
+from converters.model import export_model  # noqa: E402
+from edge_convnext.cli import main  # noqa: E402
+from edge_convnext.evaluate import EvalOptions, evaluate_paths  # noqa: E402
+from edge_convnext.gate import GATE_SCHEMA, check_gate, load_gate  # noqa: E402
+from edge_convnext.manifest import manifest_path, read_manifest, stamp, write_manifest  # noqa: E402
+from edge_convnext.preprocessing import Preprocessing  # noqa: E402
+from edge_convnext.recipes import ArtifactFormat  # noqa: E402
+
+pytestmark = pytest.mark.convert
+WEIGHTS = "random:0:convnext-test"
+REF_IMAGES = 60
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("artifacts")
+    report = convert(ConvertOptions(weights=WEIGHTS, recipes="tflite-fp32,executorch-xnnpack-fp32", out=out,
+                                    reference_images=REF_IMAGES, parity_images=4, calibration_images=8),
+                     echo=lambda s: None)
+    assert report.ok, [o.error for o in report.outcomes]
+    return out
+
+
+@pytest.fixture(scope="module")
+def gate_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("gate") / "gate.json"
+    fp32 = {"min_top1_agreement": 0.99, "min_sqnr_db": 60.0, "max_top1_drop": 0.01}
+    path.write_text(json.dumps({"schema": GATE_SCHEMA, "min_images": 50,
+                                "baseline_tolerance": {"top1_agreement": 0.01, "sqnr_db": 1.0},
+                                "recipes": {"tflite-fp32": fp32, "executorch-xnnpack-fp32": fp32}}))
+    return path
+
+
+def test_convert_writes_artifacts_manifests_labels_reference(built):
+    names = sorted(p.name for p in built.iterdir())
+    assert names == ["executorch-xnnpack-fp32.json", "executorch-xnnpack-fp32.pte", "labels.txt", "reference.npz",
+                     "tflite-fp32.json", "tflite-fp32.tflite"]  # nothing half-written or temporary left behind
+    m = read_manifest(built / "tflite-fp32.json")
+    assert m.weights["synthetic"] is True and m.weights["source"] == WEIGHTS
+    assert m.parity["status"] == "measured" and m.parity["passed"] and m.parity["max_abs"] <= 1e-3
+    assert m.input.shape == (1, 3, 224, 224) and m.input.range == (0.0, 1.0)
+    assert m.labels["count"] == 1000 and len(m.sha256) == 64 and m.size_bytes > 0
+    assert m.toolchain["litert-torch"] and m.preprocessing["resize_shortest_edge"] == 256
+
+
+def test_eval_faithful_artifacts_pass_the_gate(built, gate_file, tmp_path):
+    run = evaluate_paths([built], EvalOptions())
+    assert [r.recipe for r in run.results] == ["tflite-fp32", "executorch-xnnpack-fp32"]
+    assert run.synthetic
+    for r in run.results:
+        assert r.status == "ok", r.reason
+        assert r.images == REF_IMAGES and r.failed == 0
+        assert r.fidelity.top1_agreement == 1.0 and r.fidelity.sqnr_db > 80
+        assert r.fidelity.max_abs < 1e-3 and r.top1 == r.reference_top1
+    assert check_gate(run, load_gate(gate_file)).passed
+
+
+def _rebuild_with(built: Path, tmp: Path, model: torch.nn.Module, name: str, make_context) -> Path:
+    """A tflite-fp32 artifact built from ``model``, with a manifest otherwise copied from the good one."""
+    out = tmp / "broken"
+    out.mkdir()
+    for f in ("labels.txt", "reference.npz"):
+        shutil.copy(built / f, out / f)
+    ctx = make_context("tflite-fp32")
+    ctx.model = model
+    get_builder(ArtifactFormat.TFLITE)(ctx, out / "tflite-fp32.tflite")
+    m = read_manifest(built / "tflite-fp32.json")
+    m.notes = [name]
+    write_manifest(out / "tflite-fp32.json", stamp(out / "tflite-fp32.tflite", m))
+    return out
+
+
+@pytest.mark.parametrize("breakage", ["normalization left out", "one block perturbed"])
+def test_broken_artifacts_fail_the_gate(built, gate_file, tmp_path, tiny_weights, make_context, breakage):
+    if breakage == "normalization left out":
+        model = export_model(tiny_weights.model, Preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+    else:
+        model = export_model(tiny_weights.model, tiny_weights.preprocessing)
+        with torch.no_grad():
+            w = model.stages[2].layers[1].pwconv2.weight
+            w.add_(0.5 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    out = _rebuild_with(built, tmp_path, model, breakage, make_context)
+    run = evaluate_paths([out], EvalOptions())
+    verdict = check_gate(run, load_gate(gate_file))
+    assert not verdict.passed
+    assert {c.metric for c in verdict.failures} >= {"top1_agreement", "sqnr_db"}
+    assert main(["eval", str(out), "--gate", str(gate_file)]) == 2
+
+
+def test_reports_json_markdown_junit_png(built, gate_file, tmp_path, capsys):
+    files = {k: tmp_path / f"report.{k}" for k in ("json", "md", "xml", "png")}
+    rc = main(["eval", str(built), "--gate", str(gate_file), "--json", str(files["json"]),
+               "--markdown", str(files["md"]), "--junit", str(files["xml"]), "--plot", str(files["png"]),
+               "--write-baseline", str(tmp_path / "baseline.json")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "SYNTHETIC WEIGHTS" in text and "gate: PASSED" in text and "tflite-fp32" in text
+    data = json.loads(files["json"].read_text())
+    assert data["synthetic_weights"] and data["gate"]["passed"] and len(data["results"]) == 2
+    assert "| recipe |" in files["md"].read_text()
+    suite = ET.parse(files["xml"]).getroot()
+    assert suite.get("tests") == "2" and suite.get("failures") == "0"
+    from PIL import Image
+
+    with Image.open(files["png"]) as im:
+        assert im.size == (1100, 700)
+    # the baseline just written is met by the same artifacts
+    assert main(["eval", str(built), "--gate", str(gate_file), "--baseline", str(tmp_path / "baseline.json")]) == 0
+
+
+def test_sha_mismatch_refused_unless_no_verify(built, tmp_path):
+    out = tmp_path / "a"
+    shutil.copytree(built, out)
+    with open(out / "tflite-fp32.tflite", "ab") as fh:
+        fh.write(b"\0")
+    run = evaluate_paths([out / "tflite-fp32.tflite"], EvalOptions(limit=5))
+    assert run.results[0].status == "error" and "does not match its manifest" in run.results[0].reason
+    assert "--no-verify" in run.results[0].reason
+    run = evaluate_paths([out / "tflite-fp32.tflite"], EvalOptions(limit=5, verify=False))
+    assert run.results[0].status == "ok"
+
+
+def test_truncated_artifact_names_the_file(built, tmp_path):
+    out = tmp_path / "a"
+    shutil.copytree(built, out)
+    for name in ("tflite-fp32.tflite", "executorch-xnnpack-fp32.pte"):
+        data = (out / name).read_bytes()
+        (out / name).write_bytes(data[: len(data) // 2])
+    run = evaluate_paths([out], EvalOptions(limit=5, verify=False))
+    for r in run.results:
+        assert r.status == "error" and Path(r.path).name in r.reason, r.reason
+
+
+def test_unreadable_image_is_counted_and_the_run_goes_on(built, subset, tmp_path):
+    data = tmp_path / "val"
+    data.mkdir()
+    ref_ids = [s.image_id for s in subset.split("evaluation")[:REF_IMAGES]]
+    for s in subset.samples:
+        if s.image_id in ref_ids:
+            (data / s.image_id).symlink_to(s.path)
+    broken = ref_ids[3]
+    (data / broken).unlink()
+    (data / broken).write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    gt = subset.root / "imagenet_val" / "ILSVRC2012_val_ground_truth_50000.txt"
+    run = evaluate_paths([built / "tflite-fp32.tflite"], EvalOptions(data=data, ground_truth=gt))
+    r = run.results[0]
+    assert r.status == "ok" and r.failed == 1 and r.failed_ids == [broken] and r.images == REF_IMAGES - 1
+
+
+def test_wrong_input_shape_is_refused(built, tmp_path, tiny_weights):
+    litert_torch = pytest.importorskip("litert_torch")
+    out = tmp_path / "small"
+    out.mkdir()
+    for f in ("labels.txt", "reference.npz"):
+        shutil.copy(built / f, out / f)
+    model = export_model(tiny_weights.model, tiny_weights.preprocessing)
+    litert_torch.convert(model, (torch.rand(1, 3, 112, 112),)).export(str(out / "tflite-fp32.tflite"))
+    m = read_manifest(built / "tflite-fp32.json")
+    write_manifest(out / "tflite-fp32.json", stamp(out / "tflite-fp32.tflite", m))
+    r = evaluate_paths([out], EvalOptions(limit=3)).results[0]
+    assert r.status == "error" and "(1, 3, 112, 112)" in r.reason and "(1, 3, 224, 224)" in r.reason
+
+
+def test_classify_prints_top5_names(built, samples_dir, capsys):
+    rc = main(["classify", str(built / "tflite-fp32.tflite"), str(samples_dir / "n02123045_tabby.JPEG"),
+               str(samples_dir / "missing.jpg"), "--json"])
+    assert rc == 1  # one image could not be read: reported, and the other still classified
+    out = json.loads(capsys.readouterr().out)
+    assert len(out[0]["top"]) == 5 and out[1]["error"] and "missing.jpg" in out[1]["error"]
+    probs = [t["probability"] for t in out[0]["top"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    labels = (built / "labels.txt").read_text().splitlines()
+    assert all(labels[t["index"]] == t["label"] for t in out[0]["top"])
+
+
+def test_tflite_eval_path_does_not_import_torch(built):
+    code = (
+        "import sys\n"
+        "from edge_convnext.cli import main\n"
+        f"rc = main(['eval', {str(built / 'tflite-fp32.tflite')!r}, '--limit', '5'])\n"
+        "assert rc == 0, rc\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_rerun_rebuilds_cleanly_and_reuses_the_reference(built, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(built, out)
+    before = (out / "reference.npz").stat().st_mtime_ns
+    report = convert(ConvertOptions(weights=WEIGHTS, recipes="tflite-fp32", out=out, reference_images=REF_IMAGES,
+                                    parity_images=2), echo=lambda s: None)
+    assert report.ok
+    assert (out / "reference.npz").stat().st_mtime_ns == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    m = read_manifest(manifest_path(out / "tflite-fp32.tflite"))
+    assert m.parity["passed"] and m.created >= read_manifest(built / "tflite-fp32.json").created
+
+
+def test_fp32_parity_bound_refuses_a_wrong_build(tmp_path, monkeypatch):
+    import converters.build as build
+
+    def broken_export(model, p):
+        return export_model(model, Preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+
+    monkeypatch.setattr(build, "export_model", broken_export)
+    report = convert(ConvertOptions(weights=WEIGHTS, recipes="tflite-fp32", out=tmp_path, reference_images=8,
+                                    parity_images=4), echo=lambda s: None)
+    assert not report.ok and "exceeds the bound" in report.outcomes[0].error
+    assert not (tmp_path / "tflite-fp32.tflite").exists() and not (tmp_path / "tflite-fp32.json").exists()
+
+
+def test_unknown_recipe_lists_valid_ones(capsys):
+    assert main(["convert", "--recipes", "tflite-fp31"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown recipe 'tflite-fp31'" in err and "tflite-fp32" in err
+
+
+def test_stored_reference_matches_transformers(built, tiny_weights, subset):
+    from converters.model import ReferenceClassifier
+    from edge_convnext.preprocessing import preprocess_file
+    from edge_convnext.reference import load_reference
+
+    ref = load_reference(built / "reference.npz")
+    by_id = {s.image_id: s for s in subset.samples}
+    x = torch.from_numpy(np.stack([preprocess_file(by_id[i].path) for i in ref.image_ids[:4]]))
+    with torch.no_grad():
+        want = ReferenceClassifier(tiny_weights.model, tiny_weights.preprocessing)(x).numpy()
+    assert np.abs(ref.logits[:4] - want).max() < 1e-5
+    assert ref.meta["synthetic"] and ref.meta["weights_sha256"] == tiny_weights.identity.sha256
