@@ -10,7 +10,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,18 @@ class Timing:
     status: str = "ok"
 
 
+def time_calls(fn: Callable[[], object], runs: int, warmup: int) -> list[float]:
+    """Seconds per call of ``fn`` over ``runs`` timed calls after ``warmup`` untimed ones, sorted."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)
+
+
 def _image(m_pre: dict, sample: Path | None) -> np.ndarray:
     if sample is None:
         return np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
@@ -54,14 +66,7 @@ def bench(paths: Sequence[Path], runs: int = 20, warmup: int = 3, threads: int |
             continue
         load_s = time.perf_counter() - t0
         x = _image(m.preprocessing, image)
-        for _ in range(warmup):
-            runner.run(x)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            runner.run(x)
-            times.append(1000 * (time.perf_counter() - t))
-        times.sort()
+        times = [1000 * t for t in time_calls(lambda: runner.run(x), runs, warmup)]
         out.append(Timing(m.recipe, m.format, runner.name, m.size_bytes / 1e6, load_s, statistics.median(times),
                           times[min(len(times) - 1, int(0.9 * len(times)))]))
     return out

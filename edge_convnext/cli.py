@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from edge_convnext.errors import EdgeConvNextError
 
 DEFAULT_OUT = Path("artifacts")
 DEFAULT_GATE = Path(__file__).parent / "gates" / "default.json"
-_NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "coremltools", "root.coremltools", "absl", "jax")
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "coremltools", "root.coremltools", "absl", "jax", "executorch")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -81,7 +82,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from edge_convnext.report import write_reports
 
     opts = EvalOptions(data=args.data, ground_truth=args.ground_truth, reference=args.reference, limit=args.limit,
-                       threads=args.threads, verify=not args.no_verify)
+                       threads=args.threads, verify=not args.no_verify, budget_s=args.budget)
     run = evaluate_paths(args.paths, opts)
     gate_result = None
     if args.gate is not None:
@@ -93,6 +94,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if run.errors:
         return 1
     return 0 if gate_result is None or gate_result.passed else 2
+
+
+def _cmd_gate_init(args: argparse.Namespace) -> int:
+    from edge_convnext.fileio import write_json_atomic
+    from edge_convnext.gate import gate_from_report
+
+    try:
+        report = json.loads(Path(args.report).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgeConvNextError(f"{args.report}: cannot read an eval JSON report ({e}); write one with eval --json") from e
+    gate = gate_from_report(report, min_images=args.min_images, budget_s=args.budget)
+    write_json_atomic(args.out, gate)
+    print(f"{args.out}: thresholds for {len(gate['recipes'])} recipes ({gate['policy']})")
+    return 0
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
@@ -160,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ground-truth", type=Path, help="'<file> <label>' ground truth for a user image directory")
     s.add_argument("--reference", type=Path, help="stored reference logits (default: reference.npz beside the artifacts)")
     s.add_argument("--limit", type=int, metavar="N", help="only the first N evaluation images")
-    s.add_argument("--threads", type=int, help="runtime CPU threads")
+    s.add_argument("--threads", type=int, help="runtime CPU threads (default: all cores)")
+    s.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="per artifact: stop after this long and report the images done (slow runtimes, devices)")
     s.add_argument("--gate", nargs="?", const="default", metavar="FILE",
                    help="fail (exit 2) when an artifact misses its thresholds (default: the packaged gate file)")
     s.add_argument("--baseline", type=Path, metavar="FILE", help="last accepted numbers; regressions beyond the "
@@ -172,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", type=Path, metavar="FILE", help="PNG: agreement and accuracy against size")
     s.add_argument("--no-verify", action="store_true", help="run artifacts whose sha256 does not match the manifest")
     s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("gate-init", help="write a gate file from a measured eval --json report")
+    s.add_argument("report", type=Path, help="the JSON written by eval --json")
+    s.add_argument("--out", type=Path, required=True, help="gate file to write")
+    s.add_argument("--min-images", type=int, default=100)
+    s.add_argument("--budget", type=float, default=120.0, help="the --budget CI evaluates with (seconds)")
+    s.set_defaults(func=_cmd_gate_init)
 
     s = sub.add_parser("bench", help="latency of artifacts here, with ratios against each format's fp32")
     s.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="artifacts or artifact directories")
@@ -200,6 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Import-time chatter of the converter stack (missing CUDA kernels, untested-version notes).
         for name in _NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+        # Converter progress bars (coremltools' tqdm, litert-torch's stage log) would bury ours.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from edge_convnext.errors import DataError
+from edge_convnext.fileio import display_path
 from edge_convnext.labels import read_synset_words
 
 Split = Literal["calibration", "evaluation", "all"]
@@ -112,7 +113,7 @@ def _load_acuity(root: Path, acuity: Path) -> ImageNetSubset:
         except ValueError as e:
             raise DataError(f"{listing}:{n}: expected './data/<file>, <label>', got {line!r}") from e
     names, _ = _class_names(root / "labels" / "synset_words.txt", acuity / "synset_words.txt")
-    return _finish(root, samples, names, f"ILSVRC2012 val subset at {acuity} ({len(samples)} images, prescaled 227x227)")
+    return _finish(root, samples, names, f"ILSVRC2012 val subset at {display_path(acuity)} ({len(samples)} images, prescaled 227x227)")
 
 
 def _load_ilsvrc_dir(root: Path, ground_truth: Path | None) -> ImageNetSubset:
@@ -129,7 +130,7 @@ def _load_ilsvrc_dir(root: Path, ground_truth: Path | None) -> ImageNetSubset:
             for f in sorted(d.iterdir())
             if f.suffix.lower() in _IMAGE_SUFFIXES and d.name in index
         ]
-        return _finish(root, samples, names, f"ILSVRC2012 val class directories at {root}")
+        return _finish(root, samples, names, f"ILSVRC2012 val class directories at {display_path(root)}")
 
     gt = ground_truth or next((root / n for n in _GROUND_TRUTH_NAMES if (root / n).is_file()), None)
     if gt is None:
@@ -145,7 +146,7 @@ def _load_ilsvrc_dir(root: Path, ground_truth: Path | None) -> ImageNetSubset:
     if missing:
         raise DataError(f"{gt}: no label for {len(missing)} image(s), e.g. {missing[:3]}")
     samples = [Sample(name, f, labels[name]) for name, f in files.items()]
-    return _finish(root, samples, names, f"ILSVRC2012 val images at {root} labelled by {gt}")
+    return _finish(root, samples, names, f"ILSVRC2012 val images at {display_path(root)} labelled by {display_path(Path(gt))}")
 
 
 def _read_ground_truth(path: Path) -> dict[str, int]:

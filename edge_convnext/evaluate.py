@@ -18,6 +18,7 @@ import numpy as np
 
 from edge_convnext.dataset import ImageNetSubset, Sample, load_subset
 from edge_convnext.errors import ArtifactError, EdgeConvNextError, ImageError, ManifestError, RuntimeUnavailable
+from edge_convnext.fileio import display_path
 from edge_convnext.manifest import Manifest, manifest_path, read_manifest, verify_artifact
 from edge_convnext.metrics import Fidelity, accuracy, compare
 from edge_convnext.preprocessing import Preprocessing, crop_uint8, load_rgb, to_unit_float
@@ -39,6 +40,7 @@ class EvalOptions:
     limit: int | None = None
     threads: int | None = None
     verify: bool = True
+    budget_s: float | None = None  # per artifact: stop after this many seconds, report the images done
 
 
 @dataclass
@@ -64,6 +66,7 @@ class ArtifactResult:
     fidelity: Fidelity | None = None
     seconds_per_image: float | None = None
     wall_seconds: float = 0.0
+    stopped_by_budget: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -112,7 +115,7 @@ def evaluate_paths(paths: Sequence[Path], opts: EvalOptions) -> EvalRun:
     images = ImageCache(samples, pre)
     results = [evaluate_artifact(a, reference, images, opts) for a in artifacts]
     return EvalRun(results, reference.weights, bool(reference.meta.get("synthetic")), subset.description,
-                   str(ref_path), len(samples))
+                   display_path(ref_path), len(samples))
 
 
 def _samples_for(ids: list[str], subset: ImageNetSubset, ref_path: Path) -> list[Sample]:
@@ -172,9 +175,13 @@ def evaluate_artifact(path: Path, reference: StoredReference, images: ImageCache
     run_seconds = 0.0
     with Progress(len(images.samples), f"eval {result.recipe}") as progress:
         for start in range(0, len(images.samples), BATCH):
+            if opts.budget_s is not None and kept and time.perf_counter() - t_start > opts.budget_s:
+                result.stopped_by_budget = True
+                break
             chunk = images.samples[start : start + BATCH]
             crops = [(s, images.get(s)) for s in chunk]
             ok = [(s, c) for s, c in crops if c is not None]
+            result.failed_ids += [s.image_id for s, c in crops if c is None]
             if ok:
                 x = to_unit_float(np.stack([c for _, c in ok]))
                 t0 = time.perf_counter()
@@ -187,7 +194,6 @@ def evaluate_artifact(path: Path, reference: StoredReference, images: ImageCache
                 kept += [s.image_id for s, _ in ok]
             progress.advance(len(chunk), failed=len(chunk) - len(ok))
 
-    result.failed_ids = [s.image_id for s in images.samples if s.image_id in images.errors]
     result.failed = len(result.failed_ids)
     result.images = len(kept)
     result.wall_seconds = round(time.perf_counter() - t_start, 3)

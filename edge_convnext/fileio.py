@@ -58,6 +58,15 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory when that is shorter (reports stay machine-neutral)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+    return rel if len(rel) < len(str(path)) else str(path)
+
+
 def sha256_path(path: Path) -> str:
     """sha256 of a file, or of a directory (sorted relative paths and file contents)."""
     path = Path(path)

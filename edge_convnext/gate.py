@@ -14,6 +14,7 @@ name are reported as "not gated", never silently passed.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ from edge_convnext.evaluate import ArtifactResult, EvalRun
 
 GATE_SCHEMA = "edge-convnext/gate/v1"
 BASELINE_SCHEMA = "edge-convnext/baseline/v1"
-_KNOWN_KEYS = {"min_top1_agreement", "min_top5_overlap", "min_sqnr_db", "max_top1_drop", "max_kl", "required",
-               "reason", "measured"}
+_KNOWN_KEYS = {"min_images", "min_top1_agreement", "min_top5_overlap", "min_sqnr_db", "max_top1_drop", "max_kl",
+               "required", "reason", "measured"}
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ def check_gate(run: EvalRun, gate: Gate, baseline: Path | None = None) -> GateRe
             note = f"{r.status}: {r.reason}" + ("" if required else f" (not required: {t.get('reason', '')})")
             out.checks.append(Check(r.recipe, "ran", None, None, not required, note))
             continue
-        out.checks.append(Check(r.recipe, "images", r.images, gate.min_images, r.images >= gate.min_images))
+        min_images = int(t.get("min_images", gate.min_images))
+        out.checks.append(Check(r.recipe, "images", r.images, min_images, r.images >= min_images))
         out.checks += _thresholds(r, t)
         if r.recipe in base:
             out.checks += _regressions(r, base[r.recipe], gate.baseline_tolerance)
@@ -148,6 +150,46 @@ def _load_baseline(path: Path, run: EvalRun, out: GateResult) -> dict[str, dict[
         out.notes.append(f"{path}: baseline is for other weights ({d.get('weights_source')}); regressions not checked")
         return {}
     return dict(d.get("recipes", {}))
+
+
+GATE_POLICY = (
+    "float32 recipes: top-1 agreement >= 0.995, SQNR >= 80 dB, top-1 drop <= 0.005 (conversion must be "
+    "near exact). Other recipes: measured agreement minus max(0.02, 3 binomial sigmas at min_images), "
+    "measured SQNR minus 3 dB, top-1 drop at most max(0.01, measured drop) plus the same agreement margin. "
+    "min_images: 100, or what the slow runtimes reach in half of a 120 s --budget (at least 8)."
+)
+_FP32 = {"min_top1_agreement": 0.995, "min_sqnr_db": 80.0, "max_top1_drop": 0.005}
+
+
+def gate_from_report(report: dict[str, Any], min_images: int = 100, budget_s: float = 120.0) -> dict[str, Any]:
+    """Thresholds from a measured eval JSON report (``eval --json``), by `GATE_POLICY`."""
+    recipes: dict[str, dict[str, Any]] = {}
+    for r in report["results"]:
+        if r["status"] == "not runnable here":
+            recipes[r["recipe"]] = {"required": False, "reason": r["reason"].split(";")[0][:200]}
+            continue
+        if r["status"] != "ok":
+            continue
+        f = r["fidelity"]
+        spi = r.get("seconds_per_image") or 0.0
+        # Half the budget: a slower machine (or CI under load) must still reach min_images in time.
+        n = min_images if spi * min_images <= 0.5 * budget_s else max(8, int(0.5 * budget_s / max(spi, 1e-9)))
+        measured = {"images": r["images"], "top1_agreement": round(f["top1_agreement"], 4),
+                    "sqnr_db": round(f["sqnr_db"], 2), "top1_drop": round(r["reference_top1"] - r["top1"], 4)}
+        if r["precision"] == "fp32":
+            t = dict(_FP32)
+        else:
+            p = f["top1_agreement"]
+            margin = max(0.02, 3 * math.sqrt(max(p * (1 - p), 1e-4) / n))
+            t = {"min_top1_agreement": round(max(0.0, p - margin), 3),
+                 "min_sqnr_db": round(f["sqnr_db"] - 3.0, 1),
+                 "max_top1_drop": round(max(0.01, measured["top1_drop"]) + margin, 3)}
+        if n != min_images:
+            t["min_images"] = n
+        recipes[r["recipe"]] = t | {"measured": measured}
+    return {"schema": GATE_SCHEMA, "policy": GATE_POLICY, "weights": report.get("weights", {}).get("source"),
+            "synthetic_weights": report.get("synthetic_weights"), "min_images": min_images,
+            "baseline_tolerance": {"top1_agreement": 0.02, "sqnr_db": 1.0}, "recipes": recipes}
 
 
 def baseline_dict(run: EvalRun) -> dict[str, Any]:

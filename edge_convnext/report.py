@@ -22,7 +22,7 @@ SYNTHETIC_BANNER = (
     "(chance level). Agreement, SQNR, cosine and KL against the float reference are the meaningful numbers."
 )
 _COLUMNS = ("recipe", "runtime", "MB", "images", "top-1", "top-5", "agree@1", "overlap@5", "SQNR dB", "cosine",
-            "KL", "max|d|", "ms/img")
+            "KL", "max abs", "ms/img")
 
 
 def _pct(v: float | None) -> str:
@@ -34,7 +34,7 @@ def _row(r: ArtifactResult) -> list[str]:
     if r.status != "ok" or r.fidelity is None:
         return [r.recipe, r.runner or "-", mb, "-", r.status.upper(), "", "", "", "", "", "", "", ""]
     f = r.fidelity
-    images = f"{r.images}" + (f" ({r.failed} failed)" if r.failed else "")
+    images = f"{r.images}" + (f" ({r.failed} failed)" if r.failed else "") + ("*" if r.stopped_by_budget else "")
     sqnr = "inf" if math.isinf(f.sqnr_db) else f"{f.sqnr_db:.1f}"
     ms = "-" if r.seconds_per_image is None else f"{1000 * r.seconds_per_image:.1f}"
     return [r.recipe, r.runner or "-", mb, images, _pct(r.top1), _pct(r.top5), _pct(f.top1_agreement),
@@ -76,6 +76,8 @@ def text_report(run: EvalRun, gate: GateResult | None) -> str:
     for r in run.results:
         if r.status != "ok":
             parts.append(f"{r.recipe}: {r.status}: {r.reason}")
+    if any(r.stopped_by_budget for r in run.results):
+        parts.append("* stopped by --budget: measured on the first images only")
     if gate is not None:
         failures = gate.failures
         parts += ["", f"gate: {'PASSED' if gate.passed else f'FAILED ({len(failures)} check(s))'}"]
@@ -89,6 +91,8 @@ def markdown_report(run: EvalRun, gate: GateResult | None) -> str:
     parts = ["# edge-convnext evaluation", ""] + [f"- {h}" for h in _header(run)]
     parts += ["", _md_table([_row(r) for r in run.results], _COLUMNS), ""]
     parts += [f"- `{r.recipe}`: {r.status}: {r.reason}" for r in run.results if r.status != "ok"]
+    if any(r.stopped_by_budget for r in run.results):
+        parts.append("- \\* stopped by `--budget`: measured on the first images only")
     if gate is not None:
         parts += ["", f"## Gate: {'passed' if gate.passed else 'FAILED'}", "", _md_table(_gate_rows(gate), _GATE_HEADER)]
         parts += [f"- {n}" for n in gate.notes]
@@ -143,6 +147,19 @@ def write_reports(run: EvalRun, gate: GateResult | None, json_path: Path | None 
     return text_report(run, gate)
 
 
+def load_run(path: Path) -> EvalRun:
+    """An `EvalRun` back from ``eval --json`` output (to re-draw reports without re-running)."""
+    from edge_convnext.metrics import Fidelity
+
+    d = json.loads(Path(path).read_text())
+    results = []
+    for r in d["results"]:
+        r = dict(r)
+        r["fidelity"] = Fidelity(**r["fidelity"]) if r.get("fidelity") else None
+        results.append(ArtifactResult(**r))
+    return EvalRun(results, d["weights"], d["synthetic_weights"], d["data"], d["reference"], d["images"])
+
+
 def convert_summary(outcomes: Sequence[Any], weights: dict[str, Any]) -> str:
     """The table ``convert`` prints at the end: size, build time and parity per recipe."""
     rows = []
@@ -170,7 +187,7 @@ def plot(run: EvalRun, path: Path) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     pts = [r for r in run.results if r.status == "ok" and r.fidelity and r.size_bytes]
-    W, H, L, R, T, B = 1100, 700, 90, 260, 90, 70
+    W, H, L, R, T, B = 1100, 720, 90, 260, 120, 70
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     font = _font(ImageFont, 15)
@@ -210,7 +227,9 @@ def plot(run: EvalRun, path: Path) -> None:
         color = _COLORS.get(r.format, (100, 100, 100))
         d.ellipse([x - 6, y - 6, x + 6, y + 6], fill=color, outline="black")
         label = r.recipe + (" (emulated)" if r.emulated else "")
-        d.text(_free_spot(d, placed, label, small, x + 9, y - 8), label, fill=(30, 30, 30), font=small)
+        width = d.textlength(label, font=small)
+        lx = x + 9 if x + 9 + width <= W - R - 4 else x - 9 - width  # keep labels inside the plot
+        d.text(_free_spot(d, placed, label, small, lx, y - 8), label, fill=(30, 30, 30), font=small)
         if not run.synthetic and r.top1 is not None:
             yy = py(100 * r.top1)
             d.rectangle([x - 4, yy - 4, x + 4, yy + 4], outline=color)

@@ -125,9 +125,15 @@ def test_reports_json_markdown_junit_png(built, gate_file, tmp_path, capsys):
     from PIL import Image
 
     with Image.open(files["png"]) as im:
-        assert im.size == (1100, 700)
+        assert im.size == (1100, 720)
     # the baseline just written is met by the same artifacts
     assert main(["eval", str(built), "--gate", str(gate_file), "--baseline", str(tmp_path / "baseline.json")]) == 0
+    # a gate derived from this measured report: fp32 gets the fixed tight bounds, and the run meets it
+    assert main(["gate-init", str(files["json"]), "--out", str(tmp_path / "derived.json"), "--min-images", "50"]) == 0
+    derived = load_gate(tmp_path / "derived.json")
+    assert derived.recipes["tflite-fp32"]["min_top1_agreement"] == 0.995
+    assert derived.recipes["tflite-fp32"]["measured"]["images"] == REF_IMAGES
+    assert main(["eval", str(built), "--gate", str(tmp_path / "derived.json")]) == 0
 
 
 def test_sha_mismatch_refused_unless_no_verify(built, tmp_path):
@@ -140,6 +146,14 @@ def test_sha_mismatch_refused_unless_no_verify(built, tmp_path):
     assert "--no-verify" in run.results[0].reason
     run = evaluate_paths([out / "tflite-fp32.tflite"], EvalOptions(limit=5, verify=False))
     assert run.results[0].status == "ok"
+
+
+def test_budget_stops_early_and_says_so(built, capsys):
+    run = evaluate_paths([built / "tflite-fp32.tflite"], EvalOptions(budget_s=0.0))
+    r = run.results[0]
+    assert r.status == "ok" and r.stopped_by_budget and r.images == 8  # one batch, then the budget is spent
+    assert main(["eval", str(built / "tflite-fp32.tflite"), "--budget", "0"]) == 0
+    assert "stopped by --budget" in capsys.readouterr().out
 
 
 def test_truncated_artifact_names_the_file(built, tmp_path):

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from edge_convnext.bench import time_calls
 from edge_convnext.coreml_emulator.emulator import CoreMLEmulator
 from edge_convnext.errors import EdgeConvNextError
 
@@ -29,13 +30,7 @@ def bench(
     rng = np.random.default_rng(0)
     feeds = {n: rng.random(s, dtype=np.float32) for n, s in emu.input_shapes.items()}
     batch = next(iter(emu.input_shapes.values()))[0] if emu.input_shapes else 1
-    for _ in range(warmup):
-        emu.predict(feeds)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        emu.predict(feeds)
-        times.append(time.perf_counter() - t)
+    times = time_calls(lambda: emu.predict(feeds), runs, warmup)
     return {
         "load_s": load_s,
         "ms_per_image": statistics.median(times) * 1e3 / max(batch, 1),
