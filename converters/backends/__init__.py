@@ -1,8 +1,8 @@
 """Backend registry: one module per artifact format, imported only when that format is built.
 
 Each module defines ``build(ctx: BuildContext, out: Path) -> BuildResult`` that writes the artifact
-for ``ctx.recipe`` at ``out`` (a temporary path the caller renames into place) and ``REQUIRES``, the
-packages it imports. Adding a backend is adding a module and a line here.
+for ``ctx.recipe`` at ``out`` (a temporary path the caller renames into place). `REQUIRES` below lists
+the packages each one imports. Adding a backend is adding a module and a line in each table here.
 """
 
 from __future__ import annotations

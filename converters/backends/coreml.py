@@ -60,7 +60,6 @@ from edge_convnext import __version__
 from edge_convnext.manifest import INPUT_SHAPE, NUM_CLASSES, standard_input, standard_output
 from edge_convnext.metrics import compare
 
-REQUIRES = ("coremltools",)
 
 META_MANIFEST = "edge_convnext.manifest"
 META_LABELS = "edge_convnext.labels"

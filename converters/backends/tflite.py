@@ -38,7 +38,6 @@ from edge_convnext.errors import EdgeConvNextError
 from edge_convnext.manifest import TensorSpec, standard_input, standard_output
 from edge_convnext.runners import tflite as tflite_runner
 
-REQUIRES = ("litert_torch", "ai_edge_quantizer", "ai_edge_litert")
 
 # Which ops get static integer activations in `tflite-int8` (recipe option "int8_scope"):
 #   "all":     every op ai-edge-quantizer supports: convs, FCs, the decomposed LayerNorm (MEAN,

@@ -4,8 +4,8 @@
 ML program is executed op by op by `edge_convnext.coreml_emulator` ("coreml-emulated",
 ``emulated=True``; fp16 programs are emulated with float16 rounding after every op), so parity and
 accuracy of Core ML artifacts can be measured on Linux, and every table says which of the two
-produced a number. Both read the ``.mlpackage`` with coremltools (the ``coreml-runtime`` extra);
-neither imports torch.
+produced a number. Both read the ``.mlpackage`` with coremltools (the ``coreml-runtime`` extra). This
+module imports no torch itself, but importing coremltools pulls torch in when it is installed.
 """
 
 from __future__ import annotations
