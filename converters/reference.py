@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 
 from converters.model import ReferenceClassifier
 from converters.weights import LoadedWeights
-from edge_convnext.dataset import SPLIT_RULE, ImageNetSubset, Sample
+from edge_convnext.dataset import SPLIT_RULE, ImageNetSubset, Sample, ids_sha256
 from edge_convnext.errors import ImageError
 from edge_convnext.info import package_versions
 from edge_convnext.preprocessing import preprocess_file
@@ -86,7 +85,7 @@ def _meta(weights: LoadedWeights, subset: ImageNetSubset, samples: list[Sample])
         "data": subset.description,
         "split": "evaluation",
         "split_rule": SPLIT_RULE,
-        "image_ids_sha256": hashlib.sha256("\n".join(s.image_id for s in samples).encode()).hexdigest(),
+        "image_ids_sha256": ids_sha256(samples),
         "toolchain": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -26,7 +26,7 @@ from transformers import ConvNextConfig, ConvNextForImageClassification
 
 from converters import checkpoints
 from converters.synthetic import ARCHS, synthetic_model, tensors_sha256
-from edge_convnext.errors import WeightsError
+from edge_convnext.errors import WeightsError, first_line
 from edge_convnext.fileio import sha256_path
 from edge_convnext.labels import labels_from_id2label
 from edge_convnext.preprocessing import (
@@ -137,8 +137,7 @@ def _load_hub(spec: str) -> LoadedWeights:
 
         local = snapshot_download(repo_id, revision=revision or None, allow_patterns=_HUB_FILES)
     except Exception as e:  # network, auth, not-found and cache misses all mean "not available here"
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"cannot get {spec} from the HF hub or its local cache: {first_line}") from e
+        raise WeightsError(f"cannot get {spec} from the HF hub or its local cache: {first_line(e)}") from e
     return _load_hf_dir(Path(local), source=spec)
 
 
@@ -193,7 +192,7 @@ def _read_state_dict(path: Path) -> Any:
     except FileNotFoundError as e:
         raise WeightsError(f"{path}: no such checkpoint file") from e
     except Exception as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = first_line(e)
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise WeightsError(
                 f"{path}: holds Python objects beyond tensors, which are not unpickled for safety ({text}). "

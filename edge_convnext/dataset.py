@@ -58,7 +58,12 @@ class ImageNetSubset:
 
     def ids_sha256(self, which: Split) -> str:
         """Hash of the split's image ids, recorded in manifests to identify the images used."""
-        return hashlib.sha256("\n".join(s.image_id for s in self.split(which)).encode()).hexdigest()
+        return ids_sha256(self.split(which))
+
+
+def ids_sha256(samples: list[Sample]) -> str:
+    """sha256 of the samples' image ids, one per line, in order."""
+    return hashlib.sha256("\n".join(s.image_id for s in samples).encode()).hexdigest()
 
 
 def locate_data_dir(explicit: Path | None = None) -> Path:

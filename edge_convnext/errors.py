@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (third-party errors can run to pages), or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class EdgeConvNextError(Exception):
     """Base class: the CLI prints these as one clean line instead of a traceback."""
 

@@ -77,12 +77,17 @@ def test_eval_faithful_artifacts_pass_the_gate(built, gate_file, tmp_path):
     assert check_gate(run, load_gate(gate_file)).passed
 
 
-def _rebuild_with(built: Path, tmp: Path, model: torch.nn.Module, name: str, make_context) -> Path:
-    """A tflite-fp32 artifact built from ``model``, with a manifest otherwise copied from the good one."""
-    out = tmp / "broken"
+def _dir_with_reference(built: Path, out: Path) -> Path:
+    """A new artifacts directory holding the built run's labels and stored reference, no artifacts."""
     out.mkdir()
     for f in ("labels.txt", "reference.npz"):
         shutil.copy(built / f, out / f)
+    return out
+
+
+def _rebuild_with(built: Path, tmp: Path, model: torch.nn.Module, name: str, make_context) -> Path:
+    """A tflite-fp32 artifact built from ``model``, with a manifest otherwise copied from the good one."""
+    out = _dir_with_reference(built, tmp / "broken")
     ctx = make_context("tflite-fp32")
     ctx.model = model
     get_builder(ArtifactFormat.TFLITE)(ctx, out / "tflite-fp32.tflite")
@@ -185,10 +190,7 @@ def test_unreadable_image_is_counted_and_the_run_goes_on(built, subset, tmp_path
 
 def test_wrong_input_shape_is_refused(built, tmp_path, tiny_weights):
     litert_torch = pytest.importorskip("litert_torch")
-    out = tmp_path / "small"
-    out.mkdir()
-    for f in ("labels.txt", "reference.npz"):
-        shutil.copy(built / f, out / f)
+    out = _dir_with_reference(built, tmp_path / "small")
     model = export_model(tiny_weights.model, tiny_weights.preprocessing)
     litert_torch.convert(model, (torch.rand(1, 3, 112, 112),)).export(str(out / "tflite-fp32.tflite"))
     m = read_manifest(built / "tflite-fp32.json")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_convnext.errors import ArtifactError, MissingExtra
+from edge_convnext.errors import ArtifactError, MissingExtra, first_line
 from edge_convnext.manifest import INPUT_SHAPE, Manifest, TensorSpec, standard_input
 from edge_convnext.runners.base import check_input_shape, run_batched
 
@@ -67,7 +67,7 @@ class TFLiteRunner:
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise ArtifactError(
-                f"{self.artifact}: the LiteRT interpreter cannot load it ({_first_line(e)}); the file is "
+                f"{self.artifact}: the LiteRT interpreter cannot load it ({first_line(e)}); the file is "
                 "corrupted or not a TFLite model. Rebuild it with `edge-convnext convert`"
             ) from e
         inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
@@ -205,7 +205,3 @@ def _dequantize(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     scale, zero_point = detail["quantization"]
     return ((y.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)).astype(np.float32)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
