@@ -32,7 +32,9 @@ from edge_convnext.errors import EdgeConvNextError, RuntimeUnavailable
 from edge_convnext.fileio import atomic_path, sha256_path
 from edge_convnext.info import package_versions
 from edge_convnext.labels import LABELS_FILE, write_labels
-from edge_convnext.manifest import Manifest, manifest_path, stamp, standard_input, standard_output, write_manifest
+from edge_convnext.labels import unique_labels
+from edge_convnext.manifest import Manifest, manifest_path, stamp, write_manifest
+from converters.context import BuildResult
 from edge_convnext.metrics import compare
 from edge_convnext.preprocessing import Preprocessing, preprocess_file
 from edge_convnext.progress import fmt_seconds
@@ -142,14 +144,15 @@ def _build_one(
     echo: Callable[[str], None],
 ) -> Manifest:
     final = Path(opts.out) / recipe.filename
+    planned = BuildResult.for_recipe(recipe)  # the backend's result replaces these specs
     manifest = Manifest(
         recipe=recipe.name,
         format=recipe.format.key,
         precision=recipe.precision,
         description=recipe.description,
         file=recipe.filename,
-        input=standard_input(),
-        output=standard_output(),
+        input=planned.input,
+        output=planned.output,
         preprocessing=weights.preprocessing.to_dict(),
         weights=weights.identity.to_dict(),
         labels={"file": LABELS_FILE, "count": len(labels), "sha256": sha256_path(Path(opts.out) / LABELS_FILE)},
@@ -223,10 +226,13 @@ def _calibration_plan(recipe: Recipe, subset: ImageNetSubset, opts: ConvertOptio
 
 
 def _labels(weights: LoadedWeights, subset: ImageNetSubset) -> list[str]:
-    if weights.labels and len(weights.labels) == weights.model.config.num_labels:
-        return weights.labels
-    if subset.class_names and len(subset.class_names) == weights.model.config.num_labels:
-        return list(subset.class_names)
+    """The one labels list every artifact of a run shares (``labels.txt``), made unique (`unique_labels`)."""
+    n = weights.model.config.num_labels
+    wnids = subset.wnids if subset.wnids and len(subset.wnids) == n else None
+    if weights.labels and len(weights.labels) == n:
+        return unique_labels(weights.labels, wnids)
+    if subset.class_names and len(subset.class_names) == n:
+        return unique_labels(subset.class_names, wnids)
     raise EdgeConvNextError(
         "no class names: the weights' config has none and the data directory has no synset_words.txt; "
         "pass --data with a labels/synset_words.txt"

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_convnext.manifest import TensorSpec, standard_input, standard_output
+from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS
+from edge_convnext.manifest import TensorSpec
 from edge_convnext.recipes import Recipe
 
 
@@ -18,8 +19,9 @@ from edge_convnext.recipes import Recipe
 class BuildContext:
     """Inputs of one backend build.
 
-    ``model`` maps float32 ``[1, 3, 224, 224]`` RGB in [0, 1] (NCHW) to float32 ``[1, 1000]`` logits,
-    with the mean/std normalization folded in. ``calibration_images(n)`` yields up to ``n`` real
+    ``model`` maps float32 ``[1, 3, 224, 224]`` RGB in [0, 1] (NCHW) to float32 ``[1, 1000]`` class
+    probabilities (softmax inside), with the mean/std normalization folded in. Each backend gives
+    its artifact its format's contracts (`edge_convnext.contract`, `ArtifactFormat.input_contract`). ``calibration_images(n)`` yields up to ``n`` real
     images of the calibration split, each float32 ``[1, 3, 224, 224]`` in [0, 1]; never evaluation
     images, never random tensors.
     """
@@ -37,14 +39,21 @@ class BuildContext:
 
 @dataclass
 class BuildResult:
-    """What a backend reports about the artifact it wrote."""
+    """What a backend reports about the artifact it wrote (``input``/``output``: its contracts' specs)."""
 
-    input: TensorSpec = field(default_factory=standard_input)
-    output: TensorSpec = field(default_factory=standard_output)
+    input: TensorSpec
+    output: TensorSpec
     lowering: dict[str, Any] = field(default_factory=dict)
     calibration_used: int = 0
     embedded: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, input_name: str = "image", output_name: str = "probabilities") -> BuildResult:
+        """A result whose I/O specs are the recipe format's contracts."""
+        fmt = recipe.format
+        return cls(INPUT_CONTRACTS[fmt.input_contract].spec(input_name),
+                   OUTPUT_CONTRACTS[fmt.output_contract].spec(output_name))
 
 
 Builder = Callable[[BuildContext, Path], BuildResult]

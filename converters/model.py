@@ -5,7 +5,9 @@ fed ``(x - mean) / std``: the float PyTorch reference every artifact is compared
 
 `export_model` is the graph every converter exports: the same transformers modules, called stage by
 stage (no HF output wrappers in the traced graph), with the mean/std normalization folded into the
-stem convolution. Folding is exact algebra because the stem is a 4x4/stride-4 conv without padding:
+stem convolution and a softmax at the end: every artifact returns class probabilities, because the
+app consumers (MediaPipe, Vision, the old Task Library with its score threshold 0) show scores as
+they are (`edge_convnext.contract`, output contract "probabilities"). Folding is exact algebra because the stem is a 4x4/stride-4 conv without padding:
 ``W * ((x - m) / s) + b == (W / s) * x + (b - sum(W * m / s))``. A test proves both equal.
 """
 
@@ -34,10 +36,14 @@ class ReferenceClassifier(nn.Module):
 
 
 class ExportClassifier(nn.Module):
-    """float32 ``[N, 3, 224, 224]`` RGB in [0, 1] -> float32 ``[N, 1000]`` logits, normalization folded."""
+    """float32 ``[N, 3, 224, 224]`` RGB in [0, 1] -> float32 ``[N, 1000]`` probabilities, normalization folded.
 
-    def __init__(self, model: ConvNextForImageClassification, p: Preprocessing) -> None:
+    ``probabilities=False`` ends at the logits (for tools that want to see the classifier's raw output).
+    """
+
+    def __init__(self, model: ConvNextForImageClassification, p: Preprocessing, probabilities: bool = True) -> None:
         super().__init__()
+        self.probabilities = probabilities
         model = copy.deepcopy(model).eval()
         self.embeddings = model.convnext.embeddings
         self.stages = model.convnext.encoder.stages
@@ -49,7 +55,10 @@ class ExportClassifier(nn.Module):
         h = self.embeddings.layernorm(self.embeddings.patch_embeddings(x))
         for stage in self.stages:
             h = stage(h)
-        return self.classifier(self.norm(h.mean(dim=(-2, -1))))
+        logits = self.classifier(self.norm(h.mean(dim=(-2, -1))))
+        # float32 softmax: converters keep it float32 even in fp16 programs, so small probabilities
+        # do not underflow to 0.
+        return torch.softmax(logits, dim=-1) if self.probabilities else logits
 
 
 @torch.no_grad()
@@ -69,5 +78,5 @@ def _fold_normalization(conv: nn.Conv2d, p: Preprocessing) -> None:
         conv.bias.copy_(new_b.to(conv.bias.dtype))
 
 
-def export_model(model: ConvNextForImageClassification, p: Preprocessing) -> ExportClassifier:
-    return ExportClassifier(model, p).eval()
+def export_model(model: ConvNextForImageClassification, p: Preprocessing, probabilities: bool = True) -> ExportClassifier:
+    return ExportClassifier(model, p, probabilities).eval()

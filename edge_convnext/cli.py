@@ -130,6 +130,53 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app_eval(args: argparse.Namespace) -> int:
+    from edge_convnext.app_eval import evaluate_apps, table
+    from edge_convnext.fileio import write_json_atomic, write_text_atomic
+
+    run = evaluate_apps(args.paths, data=args.data, limit=args.limit, verify=not args.no_verify)
+    text = table(run)
+    print(text)
+    if args.json:
+        write_json_atomic(args.json, {"synthetic": run.synthetic, "reference": run.reference,
+                                      "results": [r.to_dict() for r in run.results]})
+    if args.markdown:
+        write_text_atomic(args.markdown, text + "\n")
+    return 1 if any(r.error for r in run.results) else 0
+
+
+def _cmd_roi(args: argparse.Namespace) -> int:
+    from edge_convnext.preprocessing import CONVNEXT_HF, Preprocessing
+    from edge_convnext.roi import center_crop_roi, photo_roi
+
+    pre = CONVNEXT_HF
+    if args.manifest:
+        from edge_convnext.manifest import read_manifest
+
+        pre = Preprocessing.from_dict(read_manifest(args.manifest).preprocessing)
+    if "x" in args.photo and not Path(args.photo).exists():
+        try:
+            w, h = (int(v) for v in args.photo.lower().split("x"))
+        except ValueError:
+            raise EdgeConvNextError(f"{args.photo}: give a photo file or its size as WIDTHxHEIGHT, e.g. 4032x3024") from None
+        roi = center_crop_roi(w, h, pre)
+    else:
+        roi, (w, h) = photo_roi(Path(args.photo), pre)
+    x, y, rw, rh = roi.vision()
+    out = {"photo": args.photo, "size": [w, h], "mediapipe_rectf": roi.to_dict(),
+           "vision_region_of_interest": {"x": x, "y": y, "width": rw, "height": rh},
+           "pixels": list(roi.pixels(w, h))}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{args.photo}: {w}x{h} (after EXIF orientation)\n"
+              f"  MediaPipe: RectF(left={roi.left:.6f}, top={roi.top:.6f}, right={roi.right:.6f}, bottom={roi.bottom:.6f})\n"
+              f"  Vision:    regionOfInterest = CGRect(x: {x:.6f}, y: {y:.6f}, width: {rw:.6f}, height: {rh:.6f})\n"
+              f"  pixels:    left {out['pixels'][0]:.1f}, top {out['pixels'][1]:.1f}, right {out['pixels'][2]:.1f}, "
+              f"bottom {out['pixels'][3]:.1f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-convnext", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"edge-convnext {__version__}")
@@ -204,6 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--image", type=Path, help="image to run (default: a fixed random tensor)")
     s.set_defaults(func=_cmd_bench)
+
+    s = sub.add_parser("app-eval", help="top-1 agreement through the apps' own pipelines: MediaPipe's ImageClassifier "
+                       "for .tflite, emulated Vision crop-and-scale for .mlpackage")
+    s.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="artifacts or artifact directories")
+    s.add_argument("--data", type=Path, help=data_help)
+    s.add_argument("--limit", type=int, metavar="N", help="only the first N evaluation images")
+    s.add_argument("--json", type=Path, metavar="FILE")
+    s.add_argument("--markdown", type=Path, metavar="FILE")
+    s.add_argument("--no-verify", action="store_true", help="run artifacts whose sha256 does not match the manifest")
+    s.set_defaults(func=_cmd_app_eval)
+
+    s = sub.add_parser("roi", help="the region of interest that makes MediaPipe or Vision crop a photo like the "
+                       "shared preprocessing (resize shortest edge 256, center 224)")
+    s.add_argument("photo", help="an image file (its EXIF orientation applied) or its size WIDTHxHEIGHT")
+    s.add_argument("--manifest", type=Path, help="take the preprocessing from this artifact manifest")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_roi)
 
     s = sub.add_parser("classify", help="top-k class names with probabilities for images")
     s.add_argument("artifact", type=Path)

@@ -48,6 +48,7 @@ class ImageNetSubset:
     samples: tuple[Sample, ...]
     class_names: tuple[str, ...] | None
     description: str
+    wnids: tuple[str, ...] | None = None  # WordNet ids in class order, when synset_words.txt gave them
 
     def split(self, which: Split) -> list[Sample]:
         """The calibration or evaluation images (see `SPLIT_RULE`), or all of them."""
@@ -117,8 +118,9 @@ def _load_acuity(root: Path, acuity: Path) -> ImageNetSubset:
             samples.append(Sample(Path(rel).name, acuity / rel, _label(label)))
         except ValueError as e:
             raise DataError(f"{listing}:{n}: expected './data/<file>, <label>', got {line!r}") from e
-    names, _ = _class_names(root / "labels" / "synset_words.txt", acuity / "synset_words.txt")
-    return _finish(root, samples, names, f"ILSVRC2012 val subset at {display_path(acuity)} ({len(samples)} images, prescaled 227x227)")
+    names, wnids = _class_names(root / "labels" / "synset_words.txt", acuity / "synset_words.txt")
+    return _finish(root, samples, names, f"ILSVRC2012 val subset at {display_path(acuity)} ({len(samples)} images, "
+                   "prescaled 227x227)", wnids)
 
 
 def _load_ilsvrc_dir(root: Path, ground_truth: Path | None) -> ImageNetSubset:
@@ -135,7 +137,7 @@ def _load_ilsvrc_dir(root: Path, ground_truth: Path | None) -> ImageNetSubset:
             for f in sorted(d.iterdir())
             if f.suffix.lower() in _IMAGE_SUFFIXES and d.name in index
         ]
-        return _finish(root, samples, names, f"ILSVRC2012 val class directories at {display_path(root)}")
+        return _finish(root, samples, names, f"ILSVRC2012 val class directories at {display_path(root)}", wnids)
 
     gt = ground_truth or next((root / n for n in _GROUND_TRUTH_NAMES if (root / n).is_file()), None)
     if gt is None:
@@ -151,7 +153,8 @@ def _load_ilsvrc_dir(root: Path, ground_truth: Path | None) -> ImageNetSubset:
     if missing:
         raise DataError(f"{gt}: no label for {len(missing)} image(s), e.g. {missing[:3]}")
     samples = [Sample(name, f, labels[name]) for name, f in files.items()]
-    return _finish(root, samples, names, f"ILSVRC2012 val images at {display_path(root)} labelled by {display_path(Path(gt))}")
+    return _finish(root, samples, names, f"ILSVRC2012 val images at {display_path(root)} labelled by {display_path(Path(gt))}",
+                   wnids)
 
 
 def _read_ground_truth(path: Path) -> dict[str, int]:
@@ -184,11 +187,12 @@ def _label(text: str) -> int:
     return v
 
 
-def _finish(root: Path, samples: list[Sample], names: tuple[str, ...] | None, description: str) -> ImageNetSubset:
+def _finish(root: Path, samples: list[Sample], names: tuple[str, ...] | None, description: str,
+            wnids: list[str] | None = None) -> ImageNetSubset:
     if not samples:
         raise DataError(f"{root}: no labelled images found")
     samples.sort(key=lambda s: s.image_id)
     dup = sorted(k for k, n in Counter(s.image_id for s in samples).items() if n > 1)
     if dup:
         raise DataError(f"{root}: duplicate image file names {dup[:3]}; ids must be unique")
-    return ImageNetSubset(root, tuple(samples), names, description)
+    return ImageNetSubset(root, tuple(samples), names, description, tuple(wnids) if wnids else None)

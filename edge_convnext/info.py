@@ -28,6 +28,7 @@ PACKAGES: tuple[tuple[str, str], ...] = (
     ("ai_edge_quantizer", "ai-edge-quantizer"),
     ("ai_edge_litert", "ai-edge-litert"),
     ("tflite_runtime", "tflite-runtime"),
+    ("mediapipe", "mediapipe"),
 )
 
 
@@ -76,6 +77,8 @@ def runtimes() -> list[Capability]:
                    else "pip install 'edge-convnext[executorch-runtime]'"),
         Capability("coreml", ct, ("Core ML (macOS)" if is_mac else "Core ML emulator (NumPy, Linux)")
                    if ct else "pip install 'edge-convnext[coreml-runtime]'"),
+        Capability("mediapipe", importable("mediapipe"), "MediaPipe Tasks ImageClassifier (app-eval)"
+                   if importable("mediapipe") else "pip install 'edge-convnext[app]'"),
     ]
 
 
@@ -85,8 +88,9 @@ def converters() -> list[Capability]:
     hint = "pip install 'edge-convnext[convert]'"
     return [
         Capability("coreml", base and importable("coremltools"), "coremltools" if base else hint),
-        Capability("tflite", base and importable("litert_torch") and importable("ai_edge_quantizer"),
-                   "litert-torch + ai-edge-quantizer" if base else hint),
+        Capability("tflite", base and importable("litert_torch") and importable("ai_edge_quantizer")
+                   and importable("mediapipe"), "litert-torch + ai-edge-quantizer + mediapipe's metadata schema"
+                   if base else hint),
         Capability("executorch", base and importable("executorch"), "executorch + torchao" if base else hint),
     ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,21 @@ def write_labels(path: Path, labels: Sequence[str]) -> None:
     if bad:
         raise ValueError(f"class names must be non-empty single lines; bad indices: {bad[:5]}")
     write_text_atomic(Path(path), "".join(f"{name}\n" for name in labels))
+
+
+def unique_labels(names: Sequence[str], ids: Sequence[str] | None = None) -> list[str]:
+    """Class names with every repeated name made unique: ``"crane (n02012849)"``.
+
+    ImageNet names two classes ``crane`` (the bird, the machine). Consumers that key scores by label
+    (Core ML's probabilities dictionary, MediaPipe's category names) would merge or confuse them, so
+    each repeated name gets its WordNet id from ``ids`` (or ``class <i>`` without ids) appended; all
+    other names stay as they are.
+    """
+    counts = Counter(names)
+    out = [f"{n} ({ids[i] if ids else f'class {i}'})" if counts[n] > 1 else n for i, n in enumerate(names)]
+    if len(set(out)) != len(out):
+        raise ValueError("class names are still not unique after adding ids; check the labels source")
+    return out
 
 
 def read_synset_words(path: Path) -> tuple[list[str], list[str]]:

@@ -15,8 +15,9 @@ from typing import Any
 from edge_convnext.errors import ManifestError
 from edge_convnext.fileio import sha256_path, size_bytes, write_json_atomic
 
-SCHEMA = "edge-convnext/manifest/v1"
-INPUT_SHAPE = (1, 3, 224, 224)
+# v2: per-format input/output contracts (`edge_convnext.contract`); v1 manifests (one NCHW logits
+# contract for all) are refused with a request to rebuild.
+SCHEMA = "edge-convnext/manifest/v2"
 NUM_CLASSES = 1000
 _REQUIRED = (
     "schema", "recipe", "format", "file", "sha256", "size_bytes", "input", "output",
@@ -28,7 +29,9 @@ _REQUIRED = (
 class TensorSpec:
     """One model input or output as an app sees it.
 
-    ``quantization`` is set when the tensor itself is integer: real = scale * (q - zero_point).
+    ``contract`` is the id of a known contract in `edge_convnext.contract` (how the tensor relates to
+    the shared preprocessing, or how to read the output); ``quantization`` is set when the tensor
+    itself is integer: real = scale * (q - zero_point).
     """
 
     name: str
@@ -38,6 +41,7 @@ class TensorSpec:
     range: tuple[float, float] | None = None
     description: str = ""
     quantization: dict[str, float] | None = None
+    contract: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -51,23 +55,8 @@ class TensorSpec:
             name=d["name"], shape=tuple(d["shape"]), dtype=d["dtype"], layout=d["layout"],
             range=tuple(d["range"]) if d.get("range") else None,  # type: ignore[arg-type]
             description=d.get("description", ""), quantization=d.get("quantization"),
+            contract=str(d.get("contract", "")),
         )
-
-
-def standard_input(name: str = "image") -> TensorSpec:
-    """The input contract shared by every artifact."""
-    return TensorSpec(
-        name, INPUT_SHAPE, "float32", "NCHW", (0.0, 1.0),
-        "RGB, resized and center-cropped by the shared preprocessing, scaled to [0, 1]; "
-        "mean/std normalization is inside the model",
-    )
-
-
-def standard_output(name: str = "logits") -> TensorSpec:
-    return TensorSpec(
-        name, (1, NUM_CLASSES), "float32", "NC", None,
-        "unnormalized class logits; index i is line i of labels.txt (apply softmax for probabilities)",
-    )
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from edge_convnext.errors import ImageError
 
@@ -121,7 +121,8 @@ def load_rgb(path: Path) -> Image.Image:
     """Decode an image file to 8-bit RGB, whatever its mode.
 
     Grayscale, palette, CMYK and 16-bit images are converted; transparency is composited onto
-    white (as transformers does). Raises `ImageError` naming the file when it cannot be decoded.
+    white (as transformers does); an EXIF orientation tag is applied (a phone photo comes out upright,
+    as every app's image decoder shows it). Raises `ImageError` naming the file when it cannot be decoded.
     """
     path = Path(path)
     try:
@@ -132,7 +133,7 @@ def load_rgb(path: Path) -> Image.Image:
             # stays False so a cut-off JPEG is an error, not a silently grey image.
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             im.load()
-            return to_rgb(im)
+            return to_rgb(ImageOps.exif_transpose(im))
     except ImageError:
         raise
     except FileNotFoundError as e:

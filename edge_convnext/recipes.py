@@ -23,16 +23,23 @@ class UnknownRecipeError(EdgeConvNextError, KeyError):
 
 
 class ArtifactFormat(Enum):
-    """An artifact format, with its file extension and the runtime that executes it."""
+    """An artifact format: file extension, runtime, and the input/output contracts its artifacts follow.
 
-    COREML = ("coreml", ".mlpackage", "Core ML")
-    TFLITE = ("tflite", ".tflite", "LiteRT")
-    EXECUTORCH = ("executorch", ".pte", "ExecuTorch")
+    The contracts are ids in `edge_convnext.contract` and are chosen for each format's standard app
+    consumer: NHWC float for MediaPipe's ImageClassifier, an image feature with a classifier head for
+    Vision, NCHW float for ExecuTorch (no standard consumer; the demo apps feed NCHW float).
+    """
 
-    def __init__(self, key: str, ext: str, runtime: str) -> None:
+    COREML = ("coreml", ".mlpackage", "Core ML", "rgb-image", "classifier")
+    TFLITE = ("tflite", ".tflite", "LiteRT", "rgb-nhwc-unit", "probabilities")
+    EXECUTORCH = ("executorch", ".pte", "ExecuTorch", "rgb-nchw-unit", "probabilities")
+
+    def __init__(self, key: str, ext: str, runtime: str, input_contract: str, output_contract: str) -> None:
         self.key = key
         self.ext = ext
         self.runtime = runtime
+        self.input_contract = input_contract
+        self.output_contract = output_contract
 
     @classmethod
     def from_path(cls, path: str) -> ArtifactFormat:

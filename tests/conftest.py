@@ -48,6 +48,7 @@ if HAS_TORCH:
         import torch
 
         from converters.context import BuildContext
+        from edge_convnext.labels import unique_labels
         from converters.model import export_model
         from edge_convnext.recipes import get_recipe
 
@@ -60,7 +61,8 @@ if HAS_TORCH:
                 example_input=example,
                 calibration_images=tiny_calibration,
                 calibration_count=calibration_count,
-                labels=list(subset.class_names or [f"class {i}" for i in range(1000)]),
+                labels=unique_labels(subset.class_names, subset.wnids) if subset.class_names
+                else [f"class {i}" for i in range(1000)],
                 embedded_manifest={"recipe": recipe_name, "weights": w.identity.to_dict()},
                 workdir=tmp_path / "work",
                 log=lambda msg: None,

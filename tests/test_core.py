@@ -11,7 +11,8 @@ import pytest
 
 from edge_convnext.errors import ManifestError
 from edge_convnext.fileio import atomic_path, sha256_path, write_text_atomic
-from edge_convnext.manifest import Manifest, manifest_path, read_manifest, standard_input, standard_output, write_manifest
+from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS
+from edge_convnext.manifest import Manifest, manifest_path, read_manifest, write_manifest
 from edge_convnext.metrics import accuracy, compare, sqnr_db, topk
 from edge_convnext.recipes import RECIPES, UnknownRecipeError, select_recipes
 
@@ -20,8 +21,10 @@ def test_metrics_against_hand_computed_values():
     ref = np.array([[3.0, 1.0, 0.0, -1.0, -2.0, -3.0], [0.0, 2.0, 1.0, 0.0, 0.0, 0.0]], dtype=np.float32)
     act = ref + np.array([[0, 0, 0, 0, 0, 0.5], [0, -1.5, 0, 0, 0, 0]], dtype=np.float32)
     f = compare(ref, act)
-    assert f.max_abs == 1.5
-    assert f.sqnr_db == pytest.approx(10 * np.log10(np.sum(ref**2) / (0.25 + 2.25)))
+    # Fidelity is over logits centered per image: row 1's error [0,0,0,0,0,.5] becomes .5 - .5/6 at class 5.
+    cr, ca = ref - ref.mean(1, keepdims=True), act - act.mean(1, keepdims=True)
+    assert f.max_abs == pytest.approx(1.5 - 1.5 / 6)
+    assert f.sqnr_db == pytest.approx(10 * np.log10(np.sum(cr**2) / np.sum((cr - ca) ** 2)))
     assert f.top1_agreement == 0.5  # row 2's top-1 moves from class 1 to class 2
     p = np.exp(ref[0]) / np.exp(ref[0]).sum()
     q = np.exp(act[0]) / np.exp(act[0]).sum()
@@ -33,9 +36,27 @@ def test_metrics_against_hand_computed_values():
     assert accuracy(ref, np.array([0, 2])) == (0.5, 1.0)
 
 
+def test_fidelity_ignores_per_image_offsets_and_reads_probabilities_as_logits():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 5, (4, 1000)).astype(np.float32)
+    shifted = logits + rng.normal(0, 50, (4, 1)).astype(np.float32)
+    assert compare(logits, shifted).sqnr_db > 100
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p = (p / p.sum(1, keepdims=True)).astype(np.float32)
+    log_p = OUTPUT_CONTRACTS["probabilities"].log_scores(p)
+    f = compare(logits, log_p)
+    assert f.max_abs < 1e-4 and f.sqnr_db > 90 and f.top1_agreement == 1.0
+    # Uncentered log-probabilities would count the per-image offset (logsumexp) as signal.
+    assert sqnr_db(logits, log_p) < f.sqnr_db - 60
+    # A probability that underflowed to 0 is floored, never -inf.
+    assert np.isfinite(OUTPUT_CONTRACTS["probabilities"].log_scores(np.zeros((1, 1000), np.float32))).all()
+
+
 def _manifest() -> Manifest:
     return Manifest(recipe="tflite-fp32", format="tflite", precision="fp32", file="tflite-fp32.tflite",
-                    input=standard_input(), output=standard_output(), preprocessing={"crop_size": 224},
+                    input=INPUT_CONTRACTS["rgb-nhwc-unit"].spec("image"),
+                    output=OUTPUT_CONTRACTS["probabilities"].spec("probabilities"), preprocessing={"crop_size": 224},
                     weights={"source": "random:0", "synthetic": True, "sha256": "0" * 64},
                     labels={"file": "labels.txt", "count": 1000}, toolchain={"python": "3"}, created="now")
 

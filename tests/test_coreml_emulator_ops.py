@@ -610,3 +610,75 @@ def test_kernels_never_import_torch() -> None:
     for src in pkg.glob("*.py"):
         text = src.read_text()
         assert "import torch" not in text and "from torch" not in text, src
+
+
+# ---- image inputs (ct.ImageType) and classifiers (ct.ClassifierConfig) ------------------------------
+
+
+def image_program(path: Path, *, scale: float, bias: list[float], layout, precision, classes: list[str] | None = None):
+    """A MIL program over an image input: ``softmax`` over a reduce when ``classes`` is given, else identity-ish."""
+    shape = (1, 3, 4, 5)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=shape)], opset_version=IOS17)
+    def prog(x):
+        if classes is None:
+            return mb.mul(x=x, y=np.float32(1.0), name="y")
+        return mb.softmax(x=mb.reshape(x=mb.reduce_mean(x=x, axes=[2, 3]), shape=[1, 3]), axis=-1, name="p")
+
+    kw = {"classifier_config": ct.ClassifierConfig(classes)} if classes else {}
+    return save(prog, path, inputs=[ct.ImageType(name="x", shape=shape, scale=scale, bias=bias, color_layout=layout)],
+                compute_precision=precision, **kw)
+
+
+@pytest.mark.parametrize("layout", [ct.colorlayout.RGB, ct.colorlayout.BGR])
+@pytest.mark.parametrize("precision", [ct.precision.FLOAT32, ct.precision.FLOAT16])
+def test_image_input_scale_and_bias_are_program_ops(tmp_path: Path, layout, precision) -> None:
+    scale, bias = 2 / 255, [0.5, -0.25, 0.125]
+    path = image_program(tmp_path / "img.mlpackage", scale=scale, bias=bias, layout=layout, precision=precision)
+    emu = CoreMLEmulator(path)
+    img = emu.spec.description.input[0].type.imageType
+    assert emu.input_shapes == {"x": (1, 3, 4, 5)} and (img.width, img.height) == (5, 4)
+    # The spec's imageType has no scale or bias: coremltools writes them into the program.
+    assert "scale" not in str(img).lower() and "bias" not in str(img).lower()
+    assert emu.ops_used["mul"] >= 1 and emu.ops_used["add"] >= 1
+    pixels = rng(60).integers(0, 256, (1, 3, 4, 5)).astype(np.float32)
+    want = pixels * np.float32(scale) + np.asarray(bias, np.float32).reshape(1, 3, 1, 1)
+    got = emu.predict({"x": pixels})["y"]
+    if precision == ct.precision.FLOAT32:
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    else:  # rounded to float16 along the way (scale applied in fp32, then cast)
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+        assert np.array_equal(got, round_to_float16(got))
+    # Integer dtypes are pixels too.
+    np.testing.assert_array_equal(emu.predict({"x": pixels.astype(np.uint8)})["y"], got)
+
+
+def test_image_input_takes_8_bit_pixels_only(tmp_path: Path) -> None:
+    path = image_program(tmp_path / "img.mlpackage", scale=1 / 255, bias=[0, 0, 0], layout=ct.colorlayout.RGB,
+                         precision=ct.precision.FLOAT32)
+    emu = CoreMLEmulator(path)
+    ok = np.full((1, 3, 4, 5), 255.0, np.float32)
+    np.testing.assert_allclose(emu.predict({"x": ok})["y"], 1.0, rtol=1e-6)
+    for bad, what in [(ok / 255.0 * 0.5, "not integers"), (ok + 1, r"\[256, 256\]"), (ok - 256, r"\[-1, -1\]")]:
+        with pytest.raises(ArtifactError, match=rf"image feature.*{what}"):
+            emu.predict({"x": bad})
+
+
+@pytest.mark.parametrize("precision", [ct.precision.FLOAT32, ct.precision.FLOAT16])
+def test_classify_after_softmax_adds_no_softmax(tmp_path: Path, precision) -> None:
+    classes = ["ant", "bee", "cat"]
+    path = image_program(tmp_path / "cls.mlpackage", scale=1 / 255, bias=[0, 0, 0], layout=ct.colorlayout.RGB,
+                         precision=precision, classes=classes)
+    emu = CoreMLEmulator(path)
+    assert emu.class_labels == classes and emu.ops_used["softmax"] == 1 and emu.ops_used["classify"] == 1
+    spec = emu.spec.description
+    assert spec.predictedFeatureName == "classLabel" and spec.predictedProbabilitiesName in emu.output_names
+    pixels = rng(61).integers(0, 256, (1, 3, 4, 5)).astype(np.float32)
+    out = emu.predict({"x": pixels})
+    m = (pixels / 255).mean(axis=(2, 3)).reshape(3).astype(np.float64)
+    want = np.exp(m) / np.exp(m).sum()
+    p = out[spec.predictedProbabilitiesName]
+    assert p.dtype == np.float32 and p.shape == (3,)
+    np.testing.assert_allclose(p, want, atol=1e-6 if precision == ct.precision.FLOAT32 else 2e-3)
+    assert abs(float(p.sum()) - 1.0) < (1e-6 if precision == ct.precision.FLOAT32 else 2e-3)
+    assert str(out["classLabel"]) == classes[int(np.argmax(want))]

@@ -60,7 +60,10 @@ def test_convert_writes_artifacts_manifests_labels_reference(built):
     m = read_manifest(built / "tflite-fp32.json")
     assert m.weights["synthetic"] is True and m.weights["source"] == WEIGHTS
     assert m.parity["status"] == "measured" and m.parity["passed"] and m.parity["max_abs"] <= 1e-3
-    assert m.input.shape == (1, 3, 224, 224) and m.input.range == (0.0, 1.0)
+    assert (m.input.contract, m.input.shape, m.input.range) == ("rgb-nhwc-unit", (1, 224, 224, 3), (0.0, 1.0))
+    assert (m.output.contract, m.output.shape) == ("probabilities", (1, 1000))
+    et = read_manifest(built / "executorch-xnnpack-fp32.json")
+    assert (et.input.contract, et.input.layout, et.output.contract) == ("rgb-nchw-unit", "NCHW", "probabilities")
     assert m.labels["count"] == 1000 and len(m.sha256) == 64 and m.size_bytes > 0
     assert m.toolchain["litert-torch"] and m.preprocessing["resize_shortest_edge"] == 256
 
@@ -192,11 +195,12 @@ def test_wrong_input_shape_is_refused(built, tmp_path, tiny_weights):
     litert_torch = pytest.importorskip("litert_torch")
     out = _dir_with_reference(built, tmp_path / "small")
     model = export_model(tiny_weights.model, tiny_weights.preprocessing)
-    litert_torch.convert(model, (torch.rand(1, 3, 112, 112),)).export(str(out / "tflite-fp32.tflite"))
+    nhwc = litert_torch.to_channel_last_io(model, args=[0])
+    litert_torch.convert(nhwc, (torch.rand(1, 112, 112, 3),)).export(str(out / "tflite-fp32.tflite"))
     m = read_manifest(built / "tflite-fp32.json")
     write_manifest(out / "tflite-fp32.json", stamp(out / "tflite-fp32.tflite", m))
     r = evaluate_paths([out], EvalOptions(limit=3)).results[0]
-    assert r.status == "error" and "(1, 3, 112, 112)" in r.reason and "(1, 3, 224, 224)" in r.reason
+    assert r.status == "error" and "[1, 112, 112, 3]" in r.reason and "[1, 224, 224, 3]" in r.reason, r.reason
 
 
 def test_classify_prints_top5_names(built, samples_dir, capsys):

@@ -36,8 +36,12 @@ def test_reference_is_transformers_on_normalized_input(tiny_t, images):
 def test_export_model_equals_reference(tiny_t, images):
     with torch.no_grad():
         ref = ReferenceClassifier(tiny_t.model, tiny_t.preprocessing)(images)
-        exp = export_model(tiny_t.model, tiny_t.preprocessing)(images)
+        exp = export_model(tiny_t.model, tiny_t.preprocessing, probabilities=False)(images)
+        probs = export_model(tiny_t.model, tiny_t.preprocessing)(images)
     assert (ref - exp).abs().max().item() <= 1e-4
+    # The artifacts' graph ends in a softmax of those logits.
+    assert (probs.log() - torch.log_softmax(ref, dim=-1)).abs().max().item() <= 1e-4
+    assert torch.allclose(probs.sum(dim=-1), torch.ones(len(images)), atol=1e-5)
     # the export model is a copy: folding the normalization did not touch the loaded weights
     with torch.no_grad():
         again = ReferenceClassifier(tiny_t.model, tiny_t.preprocessing)(images)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -25,8 +26,10 @@ pytest.importorskip("ai_edge_litert")
 import torch  # noqa: E402
 
 from converters.backends import tflite as backend  # noqa: E402
+from converters.backends import tflite_metadata as tmd  # noqa: E402
+from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS  # noqa: E402
 from edge_convnext.errors import ArtifactError, MissingExtra  # noqa: E402
-from edge_convnext.metrics import compare  # noqa: E402
+from edge_convnext.metrics import center, compare  # noqa: E402
 from edge_convnext.preprocessing import preprocess_file  # noqa: E402
 from edge_convnext.runners import open_runner  # noqa: E402
 from edge_convnext.runners import tflite as runner_mod  # noqa: E402
@@ -57,7 +60,7 @@ def eval_batch(subset, tiny_weights):
 
     x = np.stack([preprocess_file(s.path, tiny_weights.preprocessing) for s in subset.split("evaluation")[:EVAL_IMAGES]])
     with torch.no_grad():
-        ref = export_model(tiny_weights.model, tiny_weights.preprocessing)(torch.from_numpy(x)).numpy()
+        ref = export_model(tiny_weights.model, tiny_weights.preprocessing, probabilities=False)(torch.from_numpy(x)).numpy()
     return x, ref
 
 
@@ -84,13 +87,19 @@ def test_recipe_builds_runs_and_is_faithful(recipe, make_context, tmp_path, eval
     low = result.lowering
     json.dumps(low)  # goes into the manifest as is
     assert signatures <= set(low["ops_by_dtype"]), low["ops_by_dtype"]
-    # The interface contract holds for every recipe: float32 NCHW in, float32 logits out.
-    assert low["input"]["shape"] == [1, 3, 224, 224] and low["input"]["dtype"] == "float32"
+    # The interface contract holds for every recipe: float32 NHWC in (MediaPipe's layout), float32
+    # probabilities out, the softmax computed in float32 whatever the recipe quantizes.
+    assert low["input"]["shape"] == [1, 224, 224, 3] and low["input"]["dtype"] == "float32"
     assert low["output"]["shape"] == [1, 1000] and low["output"]["dtype"] == "float32"
-    assert result.input.dtype == "float32" and result.input.layout == "NCHW" and result.input.quantization is None
+    assert result.input == INPUT_CONTRACTS["rgb-nhwc-unit"].spec("image")
+    assert result.output == OUTPUT_CONTRACTS["probabilities"].spec("probabilities")
+    assert low["ops_by_dtype"].get("SOFTMAX float32->float32") == 1, low["ops_by_dtype"]
+    raw = runner.run_raw(INPUT_CONTRACTS["rgb-nhwc-unit"].feed(x[:1]))
+    assert abs(float(raw.sum()) - 1.0) < 1e-5 and raw.min() >= 0
     assert low["xnnpack"]["partitions"] >= 1
     assert result.calibration_used == (16 if ctx.recipe.calibrated else 0)
-    assert set(result.embedded) == {"labels.txt", "manifest.json"}
+    assert set(result.embedded) == {"labels.txt", "manifest.json", "model_metadata"}
+    assert low["model_metadata"]["input"]["normalization"] == [{"mean": [0.0], "std": [255.0]}]
 
 
 def test_fp32_is_one_xnnpack_partition_and_quantized_recipes_shrink(make_context, tmp_path):
@@ -154,6 +163,66 @@ def test_embedded_labels_and_manifest(make_context, tmp_path):
     assert runner_mod.open(bare).run(ctx.example_input.numpy()).shape == (1, 1000)
 
 
+def test_model_metadata_is_the_official_schema_mediapipe_reads(make_context, tmp_path):
+    """TFLITE_METADATA per metadata_schema.fbs: general info, RGB image input normalized by 255, labels on the output."""
+    from mediapipe.tasks.metadata import metadata_schema_py_generated as mfb
+
+    ctx, out, _ = _build(make_context, "tflite-fp32", tmp_path)
+    md = tmd.read_model_metadata(out.read_bytes())
+    assert md.name.decode().startswith("ConvNeXt-Tiny") and md.version and md.author and md.license
+    assert b"SYNTHETIC" in md.description and md.minParserVersion == b"1.0.0"
+    (sg,) = md.subgraphMetadata
+    (image,), (scores,) = sg.inputTensorMetadata, sg.outputTensorMetadata
+    assert image.content.contentPropertiesType == mfb.ContentProperties.ImageProperties
+    assert image.content.contentProperties.colorSpace == mfb.ColorSpaceType.RGB
+    (norm,) = image.processUnits
+    assert (list(norm.options.mean), list(norm.options.std)) == ([0.0], [255.0])
+    (labels,) = scores.associatedFiles
+    assert (labels.name, labels.type) == (b"labels.txt", mfb.AssociatedFileType.TENSOR_AXIS_LABELS)
+    assert [f.name for f in sg.associatedFiles] == [b"manifest.json"]
+    with zipfile.ZipFile(out) as z:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
+        assert z.read("labels.txt").decode().splitlines() == ctx.labels
+    assert len(set(ctx.labels)) == 1000 and "crane (n02012849)" in ctx.labels
+
+
+def test_metadata_a_consumer_would_refuse_is_never_written(make_context, tmp_path, monkeypatch):
+    """A deflated zip entry, a label count that does not match the output or a repeated label fails the build."""
+    def deflated_zip(files):
+        import io
+
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            for name, data in files.items():
+                z.writestr(name, data)
+        return buf.getvalue()
+
+    monkeypatch.setattr(tmd, "stored_zip", deflated_zip)
+    with pytest.raises(tmd.MetadataError, match="compressed.*uncompressed"):
+        _build_atomically(make_context, "tflite-fp32", tmp_path / "deflated.tflite")
+    assert not (tmp_path / "deflated.tflite").exists()
+    monkeypatch.undo()
+
+    ctx = make_context("tflite-fp32")
+    ctx.labels = ctx.labels[:999]
+    with pytest.raises(tmd.MetadataError, match="999 labels but the output has 1000"):
+        _build_atomically(make_context, "tflite-fp32", tmp_path / "short.tflite", ctx)
+    assert not (tmp_path / "short.tflite").exists()
+    ctx.labels = ctx.labels[:998] + ["crane", "crane"]
+    with pytest.raises(tmd.MetadataError, match="repeats labels \\['crane'\\]"):
+        _build_atomically(make_context, "tflite-fp32", tmp_path / "dup.tflite", ctx)
+    assert not (tmp_path / "dup.tflite").exists()
+
+
+def _build_atomically(make_context, recipe: str, final: Path, ctx=None):
+    """Build as `convert` does: into a temporary path renamed into place only on success."""
+    from edge_convnext.fileio import atomic_path
+
+    ctx = ctx or make_context(recipe)
+    with atomic_path(final) as tmp:
+        return backend.build(ctx, tmp)
+
+
 def test_short_tensor_names():
     from converters.backends.tflite_flatbuffer import short_tensor_name
 
@@ -188,8 +257,8 @@ def test_open_runner_dispatches_and_matches_build_check(make_context, tmp_path):
     r = open_runner(out, threads=2)
     assert r.name == "litert" and r.emulated is False
     with torch.no_grad():
-        want = ctx.model(ctx.example_input).numpy()
-    np.testing.assert_allclose(r.run(ctx.example_input.numpy()), want, atol=1e-4)
+        want = np.log(ctx.model(ctx.example_input).numpy())
+    np.testing.assert_allclose(center(r.run(ctx.example_input.numpy())), center(want), atol=1e-4)
     with pytest.raises(ValueError, match=r"\[N, 3, 224, 224\]"):
         r.run(np.zeros((1, 224, 224, 3), np.float32))
 
@@ -222,12 +291,13 @@ def test_wrong_input_contract_is_refused(tmp_path):
 
     path = tmp_path / "small.tflite"
     litert_torch.convert(_Head(channels_last=False).eval(), (torch.rand(1, 3, 64, 64),)).export(str(path))
-    with pytest.raises(ArtifactError, match=r"small.tflite.*\(1, 3, 64, 64\)"):
+    with pytest.raises(ArtifactError, match=r"small.tflite: the model's input is float32 \[1, 3, 64, 64\], but its "
+                       r"contract 'rgb-nhwc-unit' expects float32 NHWC \[1, 224, 224, 3\]"):
         runner_mod.open(path)
 
 
-def test_nhwc_and_integer_io_models_are_fed_correctly(tmp_path, subset, tiny_weights):
-    """An NHWC model with int8 input/output tensors: the runner transposes and (de)quantizes."""
+def test_nchw_nhwc_and_integer_io_models_are_fed_by_their_contract(tmp_path, subset, tiny_weights):
+    """The runner follows the manifest's contracts: NCHW or NHWC input, logits output, int8 I/O (de)quantized."""
     import litert_torch
     from ai_edge_quantizer import quantizer, recipe
 
@@ -237,16 +307,24 @@ def test_nhwc_and_integer_io_models_are_fed_correctly(tmp_path, subset, tiny_wei
     x = np.stack([preprocess_file(s.path, tiny_weights.preprocessing) for s in subset.split("calibration")[:4]])
     with torch.no_grad():
         want = head(torch.from_numpy(x.transpose(0, 2, 3, 1).copy())).numpy()
-    r = runner_mod.open(nhwc)
-    assert r.layout == "NHWC"
+    logits_nhwc = types.SimpleNamespace(input=INPUT_CONTRACTS["rgb-nhwc-unit"].spec("x"),
+                                        output=OUTPUT_CONTRACTS["logits"].spec("y"))
+    r = runner_mod.open(nhwc, logits_nhwc)
+    assert r.input_contract.layout == "NHWC"
     np.testing.assert_allclose(r.run(x), want, atol=1e-4)
+    nchw = tmp_path / "nchw.tflite"
+    litert_torch.convert(_Head(channels_last=False).eval(), (torch.rand(1, 3, 224, 224),)).export(str(nchw))
+    logits_nchw = types.SimpleNamespace(input=INPUT_CONTRACTS["rgb-nchw-unit"].spec("x"), output=logits_nhwc.output)
+    np.testing.assert_allclose(runner_mod.open(nchw, logits_nchw).run(x), want, atol=1e-4)
+    with pytest.raises(ArtifactError, match="expects float32 NCHW"):
+        runner_mod.open(nhwc, logits_nchw)
 
     q = quantizer.Quantizer(str(nhwc), recipe.static_wi8_ai8())  # quantizes the input/output tensors too
     sig = q.calibrate({"serving_default": [{"args_0": xi.transpose(1, 2, 0)[None].copy()} for xi in x]})
     int8 = tmp_path / "nhwc_int8.tflite"
     int8.write_bytes(bytes(q.quantize(sig).quantized_model))
-    r8 = runner_mod.open(int8)
-    assert r8.input_dtype == np.int8 and r8.output_dtype == np.int8
+    r8 = runner_mod.open(int8, logits_nhwc)
+    assert r8._in["dtype"] == np.int8 and r8._out["dtype"] == np.int8
     assert compare(want, r8.run(x)).sqnr_db > 20
 
 
@@ -300,5 +378,5 @@ def test_full_size_fp32(tmp_path, subset):
     assert result.lowering["xnnpack"]["partitions"] == 1
     x = np.stack([preprocess_file(s.path, w.preprocessing) for s in subset.split("evaluation")[:4]])
     with torch.no_grad():
-        ref = model(torch.from_numpy(x)).numpy()
+        ref = export_model(w.model, w.preprocessing, probabilities=False)(torch.from_numpy(x)).numpy()
     assert compare(ref, runner_mod.open(out, threads=2).run(x)).max_abs <= 1e-3

@@ -12,9 +12,9 @@ Helpers of `converters.backends.coreml` (no recipe logic lives here):
 * `quantize_w8a8`: post-training W8A8 on the torch side (``ct.optimize.torch`` LinearQuantizer,
   observers over real calibration images, no training), the path Core ML's int8 activation ops
   come from on Linux (``linear_quantize_activations`` needs ``MLModel.predict``).
-* `weight_fidelity`: logits of the float torch model with a package's stored weights swapped in,
-  against the float logits: the weight-storage error alone, measured in seconds with torch, used to
-  choose the LUT granularity of ``coreml-p4``.
+* `weight_fidelity`: log-probabilities of the float torch model (which ends in a softmax) with a
+  package's stored weights swapped in, against the float model's: the weight-storage error alone,
+  measured in seconds with torch, used to choose the LUT granularity of ``coreml-p4``.
 
 Measured on synthetic ConvNeXt-T (``random:0``, 16 calibration images): 4-bit k-means on the stem
 alone costs as much logit SQNR as on all other 58 tensors together (the stem carries the folded
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_convnext.contract import OUTPUT_CONTRACTS
 from edge_convnext.manifest import NUM_CLASSES
 from edge_convnext.metrics import Fidelity, compare
 
@@ -158,6 +159,10 @@ def stored_weights(prog: Any) -> dict[str, np.ndarray]:
 def weight_fidelity(model: torch.nn.Module, prog: Any, images: torch.Tensor, reference: np.ndarray) -> Fidelity:
     """Float torch ``model`` with every weight replaced by what ``prog`` stores -> fidelity vs ``reference``.
 
+    ``model`` returns probabilities (the export model ends in a softmax); ``reference`` is the float
+    model's log-probabilities (``OUTPUT_CONTRACTS["probabilities"].log_scores``), and the trial's
+    are compared the same way (`compare` centers both per image).
+
     The torch converter names a parameter ``a.b.weight`` as const ``a_b_weight[_to_fp16]``; a
     compressed weight that maps to no parameter raises KeyError (the comparison would be wrong).
     """
@@ -173,7 +178,7 @@ def weight_fidelity(model: torch.nn.Module, prog: Any, images: torch.Tensor, ref
     trial = copy.deepcopy(model).eval()
     trial.load_state_dict(sd)
     with torch.no_grad():
-        return compare(reference, trial(images).numpy())
+        return compare(reference, OUTPUT_CONTRACTS["probabilities"].log_scores(trial(images).numpy()))
 
 
 def calibration_batches(images: Iterable[np.ndarray], batch: int = 8) -> Iterator[torch.Tensor]:

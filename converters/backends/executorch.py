@@ -14,9 +14,16 @@ head's global mean (`executorch_rewrite`); otherwise each of the 23 LayerNorms e
 lowering report records the partitions and the ops left outside the delegate both with and without the
 rewrite (the variant not built is partitioned as a dry run, without compiling it).
 
-The manifest (JSON) and the labels (one per line) are embedded as constant methods returning strings:
-``edge_convnext_manifest`` and ``edge_convnext_labels``; `edge_convnext.runners.executorch.read_embedded`
-reads them back.
+Every program keeps ExecuTorch's usual NCHW float32 input (input contract ``rgb-nchw-unit``: RGB in
+[0, 1], normalization inside) and, like the other formats, ends in a softmax: ``forward`` returns
+float32 probabilities. In the Core ML-delegated program the softmax stays outside the delegate
+(portable kernel, float32), so fp16 compute cannot underflow small probabilities to 0.
+
+The manifest (JSON), the labels (one per line) and the input/output contract (JSON, stating that the
+app must not normalize and must not apply softmax) are embedded as constant methods returning
+strings: ``edge_convnext_manifest``, ``edge_convnext_labels`` and ``edge_convnext_contract``;
+`edge_convnext.runners.executorch.read_embedded` reads them back. An app reads them with the plain
+runtime (``module.execute("edge_convnext_contract")`` on Android and iOS).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from converters.backends.executorch_rewrite import RewriteCount, rewrite_for_xnn
 from converters.context import BuildContext, BuildResult
 from edge_convnext.errors import EdgeConvNextError
 from edge_convnext.recipes import Recipe
-from edge_convnext.runners.executorch import LABELS_METHOD, MANIFEST_METHOD
+from edge_convnext.runners.executorch import CONTRACT_METHOD, LABELS_METHOD, MANIFEST_METHOD
 
 # Measured on ConvNeXt-T: the rewrite takes XNNPACK from 24 partitions (24 ops outside: 23 LayerNorms and
 # the mean) to 1 with nothing outside, fp32 and int8. Latency on the x86 build host is within noise (1
@@ -77,7 +84,7 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
     recipe = ctx.recipe
     plan = _plan(recipe)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
-    result = BuildResult()
+    result = BuildResult.for_recipe(recipe, "image", "probabilities")
     # A NumPy ``image[None]`` has stride 0 on its batch dim, which torch calls contiguous and ExecuTorch
     # refuses ("0 in strides"): clone with freshly computed strides.
     example = (ctx.example_input.detach().to(torch.float32).clone(memory_format=torch.contiguous_format),)
@@ -102,11 +109,16 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
         ctx.log(f"rewrote {rewrite.layer_norms} LayerNorms and {rewrite.means} global means into XNNPACK ops")
     if plan.int8 or ln_rewrite:
         ep = torch.export.export(gm, example)
+    if plan.delegate == "coreml":
+        # The softmax stays out of the fp16 delegate (see `_partitioners`) and must then be the core op
+        # the portable kernels implement (aten::_softmax.out); export keeps the composite softmax.int.
+        ep = ep.run_decompositions({torch.ops.aten.softmax.int: _core_softmax})
 
     t1 = time.perf_counter()
     ctx.log(f"lowering ({plan.delegate or 'portable, no delegate'})")
     constant_methods = {MANIFEST_METHOD: json.dumps(ctx.embedded_manifest, sort_keys=True),
-                        LABELS_METHOD: "\n".join(ctx.labels)}
+                        LABELS_METHOD: "\n".join(ctx.labels),
+                        CONTRACT_METHOD: json.dumps(app_contract(result), sort_keys=True)}
     with _tempdir(ctx.workdir):  # the Core ML delegate writes its .mlpackage through tempfile
         edge = to_edge_transform_and_lower(ep, partitioner=_partitioners(plan), constant_methods=constant_methods)
     lowering = lowering_report(edge)
@@ -122,9 +134,27 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
     result.embedded = {
         "manifest": f"constant method {MANIFEST_METHOD}() -> str (UTF-8 JSON)",
         "labels": f"constant method {LABELS_METHOD}() -> str (class names, one per line, line i = class i)",
+        "contract": f"constant method {CONTRACT_METHOD}() -> str (UTF-8 JSON: input layout, dtype, shape, range, "
+                    "normalization inside, output probabilities)",
     }
     result.notes = _notes(plan, lowering)
     return result
+
+
+def _core_softmax(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.ops.aten._softmax.default(x if dtype is None else x.to(dtype), dim, False)
+
+
+def app_contract(result: BuildResult) -> dict[str, Any]:
+    """What an app must know to feed ``forward`` and read its output, for the contract constant method."""
+    return {
+        "input": {**result.input.to_dict(),
+                  "normalization": "inside the model: do NOT subtract the ImageNet mean or divide by its std "
+                                   "(demo-app code that does would normalize twice)"},
+        "output": {**result.output.to_dict(), "softmax": "inside the model: the values are probabilities; "
+                                                          "do NOT apply softmax again"},
+        "labels_method": LABELS_METHOD,
+    }
 
 
 @contextlib.contextmanager
@@ -162,7 +192,8 @@ def _partitioners(plan: _Plan) -> list[Partitioner]:
             compute_precision=ct.precision.FLOAT16,
             model_type=CoreMLBackend.MODEL_TYPE.MODEL,  # compiling to .mlmodelc needs macOS
         )
-        return [CoreMLPartitioner(compile_specs=specs)]
+        # float32 softmax on the portable kernels: an fp16 one would flush probabilities below 6e-8 to 0.
+        return [CoreMLPartitioner(compile_specs=specs, skip_ops_for_coreml_delegation=["aten._softmax.default"])]
     return []
 
 

@@ -1,8 +1,10 @@
 """TFLite / LiteRT backend: litert-torch converts, ai-edge-quantizer quantizes the ``.tflite`` file.
 
-Every recipe starts from the same float32 flatbuffer (``litert_torch.convert(model, (x,))``), whose
-interface stays float32 NCHW ``[1, 3, 224, 224]`` -> float32 ``[1, 1000]``: the converter inserts a
-TRANSPOSE to NHWC inside the graph. Then, by recipe precision:
+Every recipe starts from the same float32 flatbuffer, converted with an NHWC interface
+(``litert_torch.to_channel_last_io(model, args=[0])``): float32 RGB ``[1, 224, 224, 3]`` in [0, 1] ->
+float32 ``[1, 1000]`` probabilities (the export model ends in a softmax). That is the input MediaPipe's
+ImageClassifier accepts ("1 x height x width x depth") with NormalizationOptions mean [0], std [255]
+(input contract ``rgb-nhwc-unit``). Then, by recipe precision:
 
 * ``fp32``: as converted.
 * ``fp16``: float16 weights for CONV/DEPTHWISE/FULLY_CONNECTED (ai-edge-quantizer float casting,
@@ -10,11 +12,13 @@ TRANSPOSE to NHWC inside the graph. Then, by recipe precision:
 * ``dynamic-int8``: ``dynamic_wi8_afp32`` (int8 per-channel weights, activations quantized on the fly).
 * ``int8`` / ``w8a16``: static quantization calibrated on real calibration images, with per-op
   settings (see `_static_recipe`). Float input and output tensors: the quantizer inserts one
-  QUANTIZE after the input and the logits come out in float32.
+  QUANTIZE after the input; the classifier is dynamic-range and the SOFTMAX stays float32, so the
+  probabilities are not quantized to 1/256 steps.
 
-Finally tensor names lose their Python module paths, the manifest and labels are embedded
-(`tflite_flatbuffer.finalize`), the file is loaded and run once by the device runner, and the
-lowering report is read from the interpreter.
+Finally tensor names lose their Python module paths, the TFLite Model Metadata (labels as the
+output's TENSOR_AXIS_LABELS file, the manifest, normalization; `tflite_metadata`) is attached and
+checked as MediaPipe reads it (`tflite_flatbuffer.finalize`, `tflite_metadata.validate`), the file is
+loaded and run once by the device runner, and the lowering report is read from the interpreter.
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ import numpy as np
 import torch
 
 from converters.backends import tflite_flatbuffer as fb
+from converters.backends import tflite_metadata as tmd
 from converters.backends.tflite_lowering import lowering_report
 from converters.context import BuildContext, BuildResult
+from edge_convnext import __version__
+from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS
 from edge_convnext.errors import EdgeConvNextError
-from edge_convnext.manifest import TensorSpec, standard_input, standard_output
+from edge_convnext.manifest import NUM_CLASSES, TensorSpec
+from edge_convnext.metrics import center
 from edge_convnext.runners import tflite as tflite_runner
 
 
@@ -68,7 +76,7 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
     if precision not in _QUANTIZE:
         raise TFLiteBuildError(f"{ctx.recipe.name}: no TFLite build for precision {precision!r}")
     ctx.workdir.mkdir(parents=True, exist_ok=True)
-    result = BuildResult()
+    result = BuildResult.for_recipe(ctx.recipe)
     timings: dict[str, Any] = {}
 
     fp32, convert_s, cached = _convert_fp32(ctx)
@@ -86,15 +94,22 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
         tflite_runner.MANIFEST_NAME: json.dumps(ctx.embedded_manifest, indent=2, sort_keys=True).encode("utf-8"),
     }
     out = Path(out)
-    out.write_bytes(fb.finalize(model, files))
-    where = (f"zip appended to the flatbuffer (TFLite Support associated-file layout) and flatbuffer "
+    data = fb.finalize(model, files, tmd.metadata_buffer(_metadata(ctx, result)))
+    metadata = tmd.validate(data, NUM_CLASSES, f"{ctx.recipe.name}.tflite")  # before anything is written
+    out.write_bytes(data)
+    where = (f"associated file in the zip appended to the flatbuffer (TFLite Model Metadata layout) and flatbuffer "
              f"metadata '{tflite_runner.METADATA_PREFIX}{{name}}'; read with edge_convnext.runners.tflite.read_embedded")
     result.embedded = {name: where.format(name=name) for name in files}
+    result.embedded["model_metadata"] = (f"'{tmd.METADATA_NAME}' (TFLite Model Metadata: name, description, version, "
+                                         "author, license, RGB image input with normalization mean [0] std [255], "
+                                         f"'{tflite_runner.LABELS_NAME}' as the output's TENSOR_AXIS_LABELS)")
 
-    result.input, result.output, check = _verify(ctx, out, files)
+    check = _verify(ctx, out, files, result)
     result.lowering = {
         "converter": "litert-torch",
-        "interface": "float32 NCHW input; litert-torch inserts a TRANSPOSE to NHWC inside the graph",
+        "interface": "float32 NHWC [1, 224, 224, 3] input (litert_torch.to_channel_last_io), float32 probabilities "
+                     "out (softmax in the graph)",
+        "model_metadata": metadata,
         **quant,
         **lowering_report(out, threads=2),
         "example_check": check,
@@ -121,11 +136,12 @@ def _convert_fp32(ctx: BuildContext) -> tuple[bytes, float, bool]:
         return _fp32_cache[1], _fp32_cache[2], True
     import litert_torch
 
-    ctx.log("converting with litert-torch (torch.export -> TFLite)")
+    ctx.log("converting with litert-torch (torch.export -> TFLite, NHWC interface)")
     path = ctx.workdir / "fp32.tflite"
     t0 = time.perf_counter()
+    nhwc = litert_torch.to_channel_last_io(ctx.model.eval(), args=[0])
     with torch.no_grad():
-        litert_torch.convert(ctx.model.eval(), (ctx.example_input,)).export(str(path))
+        litert_torch.convert(nhwc, (torch.from_numpy(_feed(ctx, ctx.example_input.numpy())),)).export(str(path))
     data = path.read_bytes()
     _fp32_cache = (key, data, time.perf_counter() - t0)
     return data, _fp32_cache[2], False
@@ -223,10 +239,14 @@ def _static_recipe(q: Any, model: bytes, activation_bits: int, scope: str) -> bo
         q.update_quantization_recipe(".*", o, algorithm_key=AlgorithmName.NO_QUANTIZE)
     if scope == "ln16":
         q.add_static_config(_LAYERNORM_SCOPE, op.ALL_SUPPORTED, activation_num_bits=16, weight_num_bits=8)
-    last = fb.graph_output_op(model)
-    if last is None or last[0] != "FULLY_CONNECTED":
+    head = fb.output_ops(model, depth=2)
+    # The probabilities stay float32: an int8 softmax would quantize them to steps of 1/256.
+    if head and head[0][0] == "SOFTMAX":
+        q.update_quantization_recipe(fb.scope_regex(head[0][1]), op.SOFTMAX, algorithm_key=AlgorithmName.NO_QUANTIZE)
+        head = head[1:]
+    if not head or head[0][0] != "FULLY_CONNECTED":
         return False
-    q.add_dynamic_config(fb.scope_regex(last[1]), op.FULLY_CONNECTED, num_bits=8)
+    q.add_dynamic_config(fb.scope_regex(head[0][1]), op.FULLY_CONNECTED, num_bits=8)
     return True
 
 
@@ -236,7 +256,7 @@ def _calibrate(ctx: BuildContext, model: bytes, quant_recipe: list[dict[str, Any
     from ai_edge_quantizer import calibrator, recipe_manager
     from ai_edge_quantizer.utils import qsv_utils
 
-    images = [np.ascontiguousarray(x, dtype=np.float32) for x in ctx.calibration_images(ctx.calibration_count)]
+    images = [_feed(ctx, x) for x in ctx.calibration_images(ctx.calibration_count)]
     if not images:
         raise TFLiteBuildError(f"{ctx.recipe.name}: static quantization needs calibration images; got none")
     signature, inputs = next(iter(Interpreter(model_content=model).get_signature_list().items()))
@@ -273,13 +293,41 @@ _QUANTIZE = {
 # --- checks -----------------------------------------------------------------------------------
 
 
-def _verify(ctx: BuildContext, path: Path, files: dict[str, bytes]) -> tuple[TensorSpec, TensorSpec, dict[str, Any]]:
-    """Load the artifact with the device runner, run the example image, read the embedded files back."""
+def _feed(ctx: BuildContext, x: Any) -> np.ndarray:
+    """float32 NCHW ``[1, 3, 224, 224]`` in [0, 1] -> the artifact's input (its format's contract)."""
+    return INPUT_CONTRACTS[ctx.recipe.format.input_contract].feed(np.asarray(x, dtype=np.float32))
+
+
+def _metadata(ctx: BuildContext, result: BuildResult) -> tmd.ClassifierMetadata:
+    weights = ctx.embedded_manifest.get("weights") or {}
+    synthetic = " SYNTHETIC weights (not ImageNet-trained): predictions are not meaningful." if weights.get("synthetic") else ""
+    return tmd.ClassifierMetadata(
+        name=f"ConvNeXt-Tiny image classifier ({ctx.recipe.name})",
+        description=(f"ImageNet-1k classifier, {ctx.recipe.description}. Weights: {weights.get('source', 'unknown')}."
+                     f"{synthetic} Crop the photo to its center (shortest edge resized to 256, center 224x224) "
+                     "for the reference accuracy; see manifest.json."),
+        version=__version__,
+        author="edge-convnext",
+        license="Apache-2.0 (model code); the weights carry their own license",
+        input_description=result.input.description,
+        output_description=result.output.description,
+        labels_file=tflite_runner.LABELS_NAME,
+        labels=tuple(ctx.labels),
+        extra_files=((tflite_runner.MANIFEST_NAME, "edge-convnext build manifest (JSON): recipe, weights, "
+                      "preprocessing, input/output contract, calibration, toolchain"),),
+    )
+
+
+def _verify(ctx: BuildContext, path: Path, files: dict[str, bytes], result: BuildResult) -> dict[str, Any]:
+    """Load the artifact with the device runner, run the example image, read the embedded files back.
+
+    Fills ``result.input``/``output`` from the model's tensors (dtype and quantization where integer).
+    """
     runner = tflite_runner.open(path, threads=2)
     x = ctx.example_input.detach().cpu().numpy().astype(np.float32)
     got = runner.run(x)
     with torch.no_grad():
-        want = ctx.model(ctx.example_input).detach().cpu().numpy()
+        want = OUTPUT_CONTRACTS["probabilities"].log_scores(ctx.model(ctx.example_input).detach().cpu().numpy())
     if got.shape != want.shape or not np.all(np.isfinite(got)):
         raise TFLiteBuildError(f"{path}: output {got.shape} (finite: {np.all(np.isfinite(got))}) for one image; "
                                f"expected finite {want.shape}")
@@ -287,19 +335,19 @@ def _verify(ctx: BuildContext, path: Path, files: dict[str, bytes]) -> tuple[Ten
     if any(embedded.get(k) != v for k, v in files.items()):
         raise TFLiteBuildError(f"{path}: embedded files do not read back intact")
     details = runner.interpreter.get_input_details()[0], runner.interpreter.get_output_details()[0]
-    specs = (_spec(standard_input(), details[0]), _spec(standard_output(), details[1]))
-    return *specs, {"images": 1, "max_abs_vs_torch": float(np.max(np.abs(got - want))),
-                    "top1_equal": bool(np.argmax(got) == np.argmax(want))}
+    result.input, result.output = _spec(result.input, details[0]), _spec(result.output, details[1])
+    return {"images": 1, "max_abs_vs_torch": float(np.max(np.abs(center(got) - center(want)))),
+            "compared": "log-probabilities centered per image", "top1_equal": bool(np.argmax(got) == np.argmax(want))}
 
 
 def _spec(standard: TensorSpec, d: dict[str, Any]) -> TensorSpec:
-    """The standard spec, with dtype/quantization from the model if its tensor is integer."""
+    """The contract's spec, with dtype/quantization from the model if its tensor is integer."""
     dtype = np.dtype(d["dtype"]).name
     if dtype == standard.dtype:
         return standard
     scale, zero_point = d["quantization"]
     return TensorSpec(standard.name, standard.shape, dtype, standard.layout, standard.range, standard.description,
-                      {"scale": float(scale), "zero_point": float(zero_point)})
+                      {"scale": float(scale), "zero_point": float(zero_point)}, standard.contract)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Edits of a TFLite flatbuffer: bias-shape fix before quantization, embedded files, graph facts.
+"""Edits of a TFLite flatbuffer: bias-shape fix before quantization, metadata and embedded files, graph facts.
 
 Uses the flatbuffer object API shipped with ``ai_edge_litert`` (``schema_py_generated`` and
 ``tools.flatbuffer_utils``); nothing here imports torch.
@@ -6,9 +6,7 @@ Uses the flatbuffer object API shipped with ``ai_edge_litert`` (``schema_py_gene
 
 from __future__ import annotations
 
-import io
 import re
-import zipfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -61,17 +59,20 @@ def flatten_fc_biases(model: bytes) -> tuple[bytes, int]:
     return (_write(m), changed) if changed else (model, 0)
 
 
-def graph_output_op(model: bytes) -> tuple[str, str] | None:
-    """(op name, output tensor name) of the op that writes the model's single output, or None."""
+def output_ops(model: bytes, depth: int = 2) -> list[tuple[str, str]]:
+    """(op name, output tensor name) of the op writing the model's single output, then of the op
+    feeding its first input, and so on for ``depth`` ops (e.g. SOFTMAX, then FULLY_CONNECTED)."""
     m = _read(model)
     sg = m.subgraphs[0]
     if len(sg.outputs) != 1:
-        return None
-    for op in sg.operators:
-        if sg.outputs[0] in list(op.outputs):
-            name = fbu.opcode_to_name(m, op.opcodeIndex) or "?"
-            return name, sg.tensors[sg.outputs[0]].name.decode("utf-8")
-    return None
+        return []
+    writer = {t: op for op in sg.operators for t in op.outputs}
+    chain, tensor = [], sg.outputs[0]
+    while len(chain) < depth and tensor in writer:
+        op = writer[tensor]
+        chain.append((fbu.opcode_to_name(m, op.opcodeIndex) or "?", sg.tensors[tensor].name.decode("utf-8")))
+        tensor = op.inputs[0]
+    return chain
 
 
 def scope_regex(tensor_name: str) -> str:
@@ -82,37 +83,34 @@ def scope_regex(tensor_name: str) -> str:
     return f"^{re.escape(tensor_name)};$"
 
 
-def finalize(model: bytes, files: Mapping[str, bytes]) -> bytes:
-    """Shorten tensor names (`short_tensor_name`) and embed ``files`` twice: as flatbuffer
-    ``metadata`` entries and as a zip appended to the flatbuffer.
+def finalize(model: bytes, files: Mapping[str, bytes], model_metadata: bytes) -> bytes:
+    """Shorten tensor names (`short_tensor_name`), attach the TFLite Model Metadata and embed ``files``.
 
-    The zip follows TFLite Support's metadata populator (stored uncompressed after the model, so the
-    interpreter ignores it and ``zipfile`` lists the files); the metadata entries
-    (``edge_convnext/<name>``) survive tools that re-serialize the flatbuffer and drop trailing bytes.
+    ``model_metadata`` (a ``ModelMetadata`` flatbuffer, `tflite_metadata.metadata_buffer`) becomes the
+    ``TFLITE_METADATA`` entry; ``files`` (its associated files) go into a zip of stored entries appended
+    after the flatbuffer, as the metadata populator lays them out (the interpreter ignores trailing
+    bytes, ``zipfile`` and MediaPipe list the files). The same files are also kept as flatbuffer
+    ``metadata`` entries (``edge_convnext/<name>``), which survive tools that re-serialize the
+    flatbuffer and drop trailing bytes.
     """
+    from converters.backends.tflite_metadata import METADATA_NAME, stored_zip
+
     m = _read(model)
     for sg in m.subgraphs:
         for t in sg.tensors:
             if t.name:
                 t.name = short_tensor_name(t.name.decode("utf-8") if isinstance(t.name, bytes) else t.name)
-    names = {f"{METADATA_PREFIX}{n}" for n in files}
-    m.metadata = [e for e in (m.metadata or []) if _name(e) not in names]
-    for name, data in files.items():
+    entries = {f"{METADATA_PREFIX}{n}": data for n, data in files.items()} | {METADATA_NAME: model_metadata}
+    m.metadata = [e for e in (m.metadata or []) if _name(e) not in entries]
+    for name, data in entries.items():
         buf = schema.BufferT()
         buf.data = np.frombuffer(data, dtype=np.uint8)
         m.buffers.append(buf)
         entry = schema.MetadataT()
-        entry.name = f"{METADATA_PREFIX}{name}"
+        entry.name = name
         entry.buffer = len(m.buffers) - 1
         m.metadata.append(entry)
-    out = io.BytesIO()
-    out.write(_write(m))
-    with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as z:
-        for name, data in files.items():
-            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # fixed: same inputs, same bytes
-            info.compress_type = zipfile.ZIP_STORED
-            z.writestr(info, data)
-    return out.getvalue()
+    return _write(m) + stored_zip(dict(files))
 
 
 def short_tensor_name(name: str) -> str:

@@ -26,10 +26,22 @@ Precision model
   their declared dtype; bit-identical to coremltools' own decompression) and cached. Activation
   ``quantize`` follows the MIL spec, ``clip(round_half_even(x / scale) + zero_point)``.
 
+Image inputs and classifiers
+----------------------------
+* An image feature (``ct.ImageType``) is fed as a NCHW array of 8-bit pixel values (integers
+  0..255; anything else is refused), channels in the spec's color order. Its ``scale`` and ``bias``
+  are not in the spec: the converter writes them into the program as ``mul``/``add`` ops after the
+  input, which the emulator runs like any other op (in float32 before an fp16 program's cast).
+* A classifier (``ct.ClassifierConfig``) ends in a ``classify`` op: its label output is returned
+  as a 0-d string array, its probabilities (a ``{label: probability}`` dictionary in Core ML) as a
+  float32 vector in the order of `CoreMLEmulator.class_labels`. ``classify`` passes the
+  probabilities through unchanged (it adds no softmax).
+
 Usage::
 
     emu = CoreMLEmulator("artifacts/coreml-fp16.mlpackage")
-    logits = emu.predict({"image": x})["logits"]  # x: float32 [1, 3, 224, 224]; logits float32
+    out = emu.predict({"image": pixels})  # pixels: float32 [1, 3, 224, 224], integers 0..255
+    out["classLabel"], out["probabilities"]  # the top label; float32 [1000] in emu.class_labels order
 
 `CoreMLEmulator.blas_threads` (default 1) caps NumPy's BLAS threads while predicting; see there.
 Benchmark: ``python -m edge_convnext.coreml_emulator.bench PATH.mlpackage``.

@@ -28,7 +28,9 @@ def bench(
     load_s = time.perf_counter() - t0
     emu.blas_threads = threads
     rng = np.random.default_rng(0)
-    feeds = {n: rng.random(s, dtype=np.float32) for n, s in emu.input_shapes.items()}
+    # Image features take 8-bit pixel values; other inputs uniform [0, 1).
+    feeds = {n: rng.integers(0, 256, s).astype(np.float32) if n in emu.image_inputs else rng.random(s, dtype=np.float32)
+             for n, s in emu.input_shapes.items()}
     batch = next(iter(emu.input_shapes.values()))[0] if emu.input_shapes else 1
     times = time_calls(lambda: emu.predict(feeds), runs, warmup)
     return {

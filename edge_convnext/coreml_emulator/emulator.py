@@ -21,6 +21,7 @@ class _InputContract:
     shape: tuple[int, ...]  # the spec's (default) shape
     allowed: tuple[tuple[int, ...], ...] | None  # enumerated shapes; None: no enumeration
     bounds: tuple[tuple[int, int], ...] | None  # per-dim (lower, upper) for range shapes; upper -1 = unbounded
+    image: bool = False  # an image feature: 8-bit pixel values, fed as a float NCHW array of integers 0..255
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         if self.allowed is not None:
@@ -54,13 +55,20 @@ def _input_contract(feature: Any) -> _InputContract:
             bounds = tuple((int(r.lowerBound), int(r.upperBound)) for r in arr.shapeRange.sizeRanges)
             return _InputContract(shape or tuple(lo for lo, _ in bounds), None, bounds)
         return _InputContract(shape, None, None)
-    if kind == "imageType":  # fed here as a float NCHW array in [0, 255], channels in the spec's order
+    if kind == "imageType":
+        # Fed here as a float NCHW array of 8-bit pixel values (integers 0..255), channels in the
+        # spec's order (RGB or BGR). An ML program applies ImageType's scale and bias itself: the
+        # converter writes them as explicit ``mul``/``add`` ops after the input (the spec's
+        # imageType holds only size and color space), so the emulator feeds the pixels unchanged.
         img = ftype.imageType
-        channels = 1 if "GRAYSCALE" in type(img).ColorSpace.Name(img.colorSpace) else 3
+        space = type(img).ColorSpace.Name(img.colorSpace)
+        if space not in ("RGB", "BGR", "GRAYSCALE"):
+            raise ArtifactError(f"input '{feature.name}' is a {space} image, which the emulator cannot feed")
+        channels = 1 if space == "GRAYSCALE" else 3
         shape = (1, channels, int(img.height), int(img.width))
         if img.WhichOneof("SizeFlexibility") is not None:
-            return _InputContract(shape, None, ((1, 1), (channels, channels), (1, -1), (1, -1)))
-        return _InputContract(shape, None, None)
+            return _InputContract(shape, None, ((1, 1), (channels, channels), (1, -1), (1, -1)), image=True)
+        return _InputContract(shape, None, None, image=True)
     raise ArtifactError(f"input '{feature.name}' has feature type '{kind}', which the emulator cannot feed")
 
 
@@ -87,6 +95,7 @@ class CoreMLEmulator:
         self.path = Path(path)
         self.precision: Precision = precision
         spec, prog = load_package(self.path)
+        self.spec: Any = spec  # the protobuf spec (description, metadata; weights live in the package)
         function_name = spec.description.defaultFunctionName or "main"
         self._graph, ops_used = build_graph(prog, precision, source=str(self.path), function_name=function_name)
         self.ops_used: Counter[str] = ops_used  # op type histogram of the main function, const ops included
@@ -94,6 +103,9 @@ class CoreMLEmulator:
         self.output_names: list[str] = [f.name for f in spec.description.output]
         self._contracts = {f.name: _input_contract(f) for f in spec.description.input}
         self.input_shapes: dict[str, tuple[int, ...]] = {n: c.shape for n, c in self._contracts.items()}
+        self.image_inputs: frozenset[str] = frozenset(n for n, c in self._contracts.items() if c.image)
+        # A classifier (ClassifierConfig): the classify op's labels, the order its probabilities come in.
+        self.class_labels: list[Any] | None = _class_labels(prog.functions[function_name])
         for name in self.input_names:
             if name not in self._graph.inputs:
                 raise ArtifactError(f"{self.path}: spec input '{name}' is not an input of the ML program")
@@ -104,8 +116,10 @@ class CoreMLEmulator:
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch: ``inputs`` maps every input name to an array of its spec shape.
 
-        Returns every output as a float32 array (a classifier's label output stays a 0-d array of
-        the label; its probabilities are returned as a vector in class order).
+        An image input is an array of 8-bit pixel values (integers 0..255, float or integer dtype),
+        NCHW, channels in the spec's color order. Returns every output as a float32 array (a
+        classifier's label output stays a 0-d array of the label; its probabilities, a dictionary in
+        Core ML, are returned as a vector in the order of `class_labels`).
         """
         missing = [n for n in self.input_names if n not in inputs]
         unknown = [n for n in inputs if n not in self._contracts]
@@ -125,6 +139,8 @@ class CoreMLEmulator:
                     f"{self.path}: input '{name}' has shape {tuple(arr.shape)}, "
                     f"the model takes {self._contracts[name].describe()}"
                 )
+            if self._contracts[name].image:
+                _check_pixels(self.path, name, arr)
             feeds[name] = arr
         with _blas_limit(self.blas_threads):
             results = self._graph.run(feeds)
@@ -132,6 +148,28 @@ class CoreMLEmulator:
 
     def __repr__(self) -> str:
         return f"CoreMLEmulator({str(self.path)!r}, precision={self.precision!r})"
+
+
+def _class_labels(func: Any) -> list[Any] | None:
+    """The ``classes`` of the program's ``classify`` op (a ClassifierConfig model), else None."""
+    for op in func.operations:
+        if op.op_type == "classify":
+            classes = op.inputs["classes"].val
+            return list(classes.ls) if hasattr(classes, "ls") else list(classes)
+    return None
+
+
+def _check_pixels(path: Path, name: str, arr: np.ndarray) -> None:
+    """An image feature holds 8-bit pixels: refuse values Core ML could not have been given."""
+    if arr.size == 0:
+        return
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    fractional = arr.dtype.kind == "f" and not np.array_equal(arr, np.rint(arr))
+    if lo < 0 or hi > 255 or fractional:
+        raise ArtifactError(
+            f"{path}: input '{name}' is an image feature (8-bit pixels, integers 0..255), got values in "
+            f"[{lo:g}, {hi:g}]{' (not integers)' if fractional else ''}; feed pixel values, e.g. "
+            "`edge_convnext.contract.InputContract.feed` of a [0, 1] batch")
 
 
 _CONTROLLER: Any = None

@@ -1,8 +1,11 @@
 """The runner protocol and the one function that picks a runner for an artifact.
 
-A runner loads one artifact and maps float32 ``[N, 3, 224, 224]`` RGB in [0, 1] (NCHW, the shared
-preprocessing's output) to float32 ``[N, 1000]`` logits. Runtime packages are imported inside each
-runner module, so a device with only the LiteRT interpreter never imports the others (or torch).
+A runner loads one artifact and maps the shared preprocessing's output, float32 ``[N, 3, 224, 224]``
+RGB in [0, 1] (NCHW), to float32 ``[N, 1000]`` logits up to a per-image constant. Each artifact's own
+input and output contracts (NHWC, image features, probabilities, classifier dictionaries) are read
+from its manifest and applied by `edge_convnext.contract`; a runner only moves tensors in and out.
+Runtime packages are imported inside each runner module, so a device with only the LiteRT
+interpreter never imports the others (or torch).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from typing import Protocol
 
 import numpy as np
 
+from edge_convnext.contract import InputContract, OutputContract, input_contract, output_contract
+from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS
 from edge_convnext.errors import ArtifactError
-from edge_convnext.manifest import Manifest, TensorSpec
+from edge_convnext.manifest import Manifest
 from edge_convnext.recipes import ArtifactFormat
 
 
@@ -26,7 +31,7 @@ class Runner(Protocol):
     emulated: bool
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """float32 ``[N, 3, 224, 224]`` in [0, 1] -> float32 ``[N, 1000]`` logits."""
+        """float32 ``[N, 3, 224, 224]`` in [0, 1] -> float32 ``[N, 1000]`` logits up to a per-image constant."""
         ...
 
 
@@ -40,7 +45,7 @@ _MODULES = {
 def open_runner(artifact: Path, manifest: Manifest | None = None, threads: int | None = None) -> Runner:
     """Load ``artifact`` with the runtime for its format.
 
-    Raises `ArtifactError` (missing, corrupted, wrong input contract) or `RuntimeUnavailable`
+    Raises `ArtifactError` (missing, corrupted, unknown or broken contract) or `RuntimeUnavailable`
     (runtime not installed or not runnable on this host), each naming the file.
     """
     artifact = Path(artifact)
@@ -51,19 +56,23 @@ def open_runner(artifact: Path, manifest: Manifest | None = None, threads: int |
     return module.open(artifact, manifest=manifest, threads=threads)  # type: ignore[no-any-return]
 
 
-def check_input_shape(artifact: Path, actual: tuple[int, ...], expected: TensorSpec | None) -> None:
-    """Refuse an artifact whose input tensor breaks the contract, naming both shapes."""
-    want = tuple(expected.shape) if expected is not None else (1, 3, 224, 224)
-    if tuple(actual) != want:
-        raise ArtifactError(
-            f"{artifact}: input shape {tuple(actual)} does not match the contract {want} "
-            "(float32 RGB NCHW in [0, 1]); rebuild it with `edge-convnext convert`"
-        )
+def contracts(artifact: Path, manifest: Manifest | None) -> tuple[InputContract, OutputContract]:
+    """The artifact's input and output contracts: its manifest's, else its format's defaults."""
+    if manifest is not None:
+        return input_contract(artifact, manifest.input), output_contract(artifact, manifest.output)
+    fmt = ArtifactFormat.from_path(str(artifact))
+    return INPUT_CONTRACTS[fmt.input_contract], OUTPUT_CONTRACTS[fmt.output_contract]
 
 
-def run_batched(x: np.ndarray, run_one: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Run a batch-1 model over ``x`` ``[N, 3, 224, 224]`` row by row -> ``[N, 1000]`` float32."""
+def run_batched(x: np.ndarray, contract: InputContract, run_one: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Feed ``x`` (float32 ``[N, 3, 224, 224]`` in [0, 1]) through ``contract`` to a batch-1 model row by row.
+
+    ``run_one`` takes one row of the contract's batch and returns the raw output -> ``[N, 1000]`` float32.
+    """
     if x.ndim != 4 or x.shape[1:] != (3, 224, 224):
         raise ValueError(f"expected float32 [N, 3, 224, 224], got {x.dtype} {list(x.shape)}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return np.concatenate([np.asarray(run_one(x[i : i + 1]), dtype=np.float32).reshape(1, -1) for i in range(len(x))])
+    fed = contract.feed(x)
+    return np.concatenate([np.asarray(run_one(fed[i : i + 1]), dtype=np.float32).reshape(1, -1) for i in range(len(fed))])
+
+
+__all__ = ["Runner", "open_runner", "contracts", "run_batched", "ArtifactError"]

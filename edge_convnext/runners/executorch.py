@@ -21,27 +21,31 @@ from typing import Any
 
 import numpy as np
 
+from edge_convnext.contract import InputContract, OutputContract, check_tensor
 from edge_convnext.errors import ArtifactError, RuntimeUnavailable
 from edge_convnext.manifest import Manifest
-from edge_convnext.runners.base import check_input_shape, run_batched
+from edge_convnext.runners.base import contracts, run_batched
 
 # The constant methods `converters.backends.executorch` embeds the metadata in.
 MANIFEST_METHOD = "edge_convnext_manifest"
 LABELS_METHOD = "edge_convnext_labels"
-_EMBEDDED = {"manifest": MANIFEST_METHOD, "labels": LABELS_METHOD}
+CONTRACT_METHOD = "edge_convnext_contract"
+_EMBEDDED = {"manifest": MANIFEST_METHOD, "labels": LABELS_METHOD, "contract": CONTRACT_METHOD}
 _APPLE_ONLY = {"CoreMLBackend", "MPSBackend"}
 _FLOAT32 = 6  # c10::ScalarType::Float, as TensorInfo.dtype() reports it
 _pool_generation = 0  # bumped on every threadpool resize; runners from older generations refuse to run
 
 
 class ExecuTorchRunner:
-    """A loaded ``forward`` method: float32 ``[N, 3, 224, 224]`` in [0, 1] -> float32 ``[N, 1000]`` logits."""
+    """A loaded ``forward`` method: float32 ``[N, 3, 224, 224]`` in [0, 1] -> float32 ``[N, 1000]`` log-scores."""
 
     name = "executorch"
     emulated = False
 
-    def __init__(self, artifact: Path, method: Any, backends: Sequence[str], torch_module: Any) -> None:
+    def __init__(self, artifact: Path, method: Any, backends: Sequence[str], torch_module: Any,
+                 io: tuple[InputContract, OutputContract]) -> None:
         self.artifact = artifact
+        self.input_contract, self.output_contract = io
         self.backends = tuple(backends)  # delegate backend ids in the program, e.g. ("XnnpackBackend",)
         self._method = method
         self._torch = torch_module
@@ -53,7 +57,7 @@ class ExecuTorchRunner:
                 f"{self.artifact}: the ExecuTorch threadpool was resized after this runner was opened, which "
                 "invalidates it; open the artifact again"
             )
-        return run_batched(x, self._run_one)
+        return self.output_contract.log_scores(run_batched(x, self.input_contract, self._run_one))
 
     def _run_one(self, x: np.ndarray) -> np.ndarray:
         try:
@@ -101,19 +105,19 @@ def open(  # noqa: A001 - the runner-module interface `edge_convnext.runners.bas
     meta = method.metadata
     if meta.num_inputs() != 1 or meta.num_outputs() != 1:
         raise ArtifactError(f"{artifact}: forward takes {meta.num_inputs()} inputs and returns "
-                            f"{meta.num_outputs()} outputs; expected one image tensor in, one logits tensor out")
-    check_input_shape(artifact, tuple(meta.input_tensor_meta(0).sizes()), manifest.input if manifest else None)
-    if meta.input_tensor_meta(0).dtype() != _FLOAT32:
-        raise ArtifactError(f"{artifact}: input is {meta.input_tensor_meta(0)}, not float32 as the contract says")
-    want_out = tuple(manifest.output.shape) if manifest else (1, 1000)
+                            f"{meta.num_outputs()} outputs; expected one image tensor in, one probabilities tensor out")
+    io = contracts(artifact, manifest)
+    dtype = "float32" if meta.input_tensor_meta(0).dtype() == _FLOAT32 else f"ScalarType {meta.input_tensor_meta(0).dtype()}"
+    check_tensor(artifact, io[0], tuple(meta.input_tensor_meta(0).sizes()), dtype)
+    want_out = io[1].shape
     got_out = tuple(meta.output_tensor_meta(0).sizes())
     if got_out != want_out:
-        raise ArtifactError(f"{artifact}: output shape {got_out} does not match the contract {want_out}")
-    return ExecuTorchRunner(artifact, method, backends, torch)
+        raise ArtifactError(f"{artifact}: output shape {got_out} does not match the contract {io[1].id!r} {want_out}")
+    return ExecuTorchRunner(artifact, method, backends, torch, io)
 
 
 def read_embedded(path: Path) -> dict[str, str]:
-    """The metadata embedded in a ``.pte``: ``{"manifest": <JSON text>, "labels": <one class per line>}``.
+    """The metadata embedded in a ``.pte``: ``{"manifest": <JSON>, "labels": <one class per line>, "contract": <JSON>}``.
 
     Keys are present only for the constant methods the program has (none for a foreign ``.pte``).
     Constant methods need no delegate, so this also works for a Core ML program on Linux.

@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from edge_convnext.contract import check_tensor
 from edge_convnext.errors import ArtifactError, MissingExtra, first_line
-from edge_convnext.manifest import INPUT_SHAPE, Manifest, TensorSpec, standard_input
-from edge_convnext.runners.base import check_input_shape, run_batched
+from edge_convnext.manifest import Manifest
+from edge_convnext.runners.base import contracts, run_batched
 
 METADATA_PREFIX = "edge_convnext/"
 LABELS_NAME = "labels.txt"
@@ -48,10 +49,11 @@ def _interpreter_class() -> tuple[type, str]:
 
 
 class TFLiteRunner:
-    """A loaded ``.tflite``: float32 ``[N, 3, 224, 224]`` in [0, 1] (NCHW) -> float32 ``[N, 1000]`` logits.
+    """A loaded ``.tflite``: float32 ``[N, 3, 224, 224]`` in [0, 1] (NCHW) -> float32 ``[N, 1000]`` log-scores.
 
-    Integer input/output tensors are (de)quantized with their own scale and zero point; an NHWC model
-    input (``manifest.input.layout``, or a ``[1, 224, 224, 3]`` tensor) gets the batch transposed.
+    The input is fed in the artifact's input contract (NHWC float32 in [0, 1] for this project's
+    builds; NCHW or uint8 where a manifest says so); integer input/output tensors are (de)quantized
+    with their own scale and zero point; probabilities come back as ``log p``.
     """
 
     emulated = False
@@ -60,6 +62,7 @@ class TFLiteRunner:
         self.artifact = Path(artifact)
         interpreter_cls, self.name = _interpreter_class()
         _check_header(self.artifact)
+        self.input_contract, self.output_contract = contracts(self.artifact, manifest)
         try:
             # LiteRT defaults to one thread; a device's harness wants all of its cores unless told otherwise.
             self.threads = threads or os.cpu_count() or 1
@@ -74,24 +77,26 @@ class TFLiteRunner:
         if len(inputs) != 1 or len(outputs) != 1:
             raise ArtifactError(f"{self.artifact}: expected 1 input and 1 output, found {len(inputs)} and {len(outputs)}")
         self._in, self._out = inputs[0], outputs[0]
-        shape = tuple(int(d) for d in self._in["shape"])
-        self.layout = manifest.input.layout if manifest is not None else _guess_layout(shape)
-        expected = manifest.input if manifest is not None else _default_spec(self.layout)
-        check_input_shape(self.artifact, shape, expected)
-        self.input_dtype = np.dtype(self._in["dtype"])
-        self.output_dtype = np.dtype(self._out["dtype"])
+        in_dtype = np.dtype(self._in["dtype"])
+        # A quantized integer tensor can take a float contract's real values through its scale.
+        quantized = in_dtype.kind in "iu" and bool(self._in["quantization"][0])
+        fed_dtype = "float32" if quantized and self.input_contract.dtype == "float32" else in_dtype.name
+        check_tensor(self.artifact, self.input_contract, tuple(int(d) for d in self._in["shape"]), fed_dtype)
         for d in (self._in, self._out):
-            if np.dtype(d["dtype"]) != np.float32 and not d["quantization"][0]:
-                raise ArtifactError(f"{self.artifact}: tensor {d['name']!r} is {np.dtype(d['dtype'])} without a "
+            dt = np.dtype(d["dtype"])
+            if dt not in (np.float32, np.uint8) and not d["quantization"][0]:
+                raise ArtifactError(f"{self.artifact}: tensor {d['name']!r} is {dt} without a "
                                     "quantization scale; it cannot be fed or read as real values")
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """float32 ``[N, 3, 224, 224]`` in [0, 1] -> float32 ``[N, 1000]`` logits (one invoke per image)."""
-        return run_batched(x, self._run_one)
+        """float32 ``[N, 3, 224, 224]`` in [0, 1] -> float32 ``[N, 1000]`` log-scores (one invoke per image)."""
+        return self.output_contract.log_scores(run_batched(x, self.input_contract, self._run_one))
+
+    def run_raw(self, fed: np.ndarray) -> np.ndarray:
+        """One batch-1 input already in the input contract -> the model's raw output (probabilities)."""
+        return self._run_one(fed)
 
     def _run_one(self, x: np.ndarray) -> np.ndarray:
-        if self.layout == "NHWC":
-            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         self.interpreter.set_tensor(self._in["index"], _quantize(x, self._in))
         self.interpreter.invoke()
         return _dequantize(self.interpreter.get_tensor(self._out["index"]), self._out)
@@ -177,22 +182,10 @@ def _check_header(artifact: Path) -> None:
         )
 
 
-def _guess_layout(shape: tuple[int, ...]) -> str:
-    return "NHWC" if len(shape) == 4 and shape[-1] == 3 and shape[1] != 3 else "NCHW"
-
-
-def _default_spec(layout: str) -> TensorSpec:
-    spec = standard_input()
-    if layout == "NHWC":
-        n, c, h, w = INPUT_SHAPE
-        return TensorSpec(spec.name, (n, h, w, c), spec.dtype, "NHWC", spec.range, spec.description)
-    return spec
-
-
 def _quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     dtype = np.dtype(detail["dtype"])
-    if dtype == np.float32:
-        return np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == x.dtype:
+        return np.ascontiguousarray(x)  # float32, or raw uint8 pixels for a uint8 contract
     scale, zero_point = detail["quantization"]
     info = np.iinfo(dtype)
     q = np.round(x.astype(np.float64) / scale) + zero_point
@@ -200,8 +193,8 @@ def _quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
 
 
 def _dequantize(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    if y.dtype == np.float32:
-        return y.copy()
+    if y.dtype == np.float32 or not detail["quantization"][0]:
+        return y.astype(np.float32)
     scale, zero_point = detail["quantization"]
     return ((y.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)).astype(np.float32)
 
