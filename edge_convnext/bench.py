@@ -1,38 +1,77 @@
-"""``edge-convnext bench``: measured latency per artifact, and ratios against its format's fp32 recipe.
+"""``edge-convnext bench``: latency, load time, peak memory and fidelity, side by side, in one run.
 
-Speed goals are checked here, by printed measurements, never by timed tests. Each artifact runs one input
-(``--image``, preprocessed, else a fixed random tensor: latency of these graphs does not depend on the
-pixels) ``warmup`` times, then ``runs`` times.
+Speed goals are checked here, by printed measurements, never by timed tests. Every row runs in a process
+of its own (``python -m edge_convnext.bench JOB``), one after the other: latency measured in a process
+that just ran other runtimes (or torch conversions) is not the latency a device process sees (LiteRT
+was measured 77 ms instead of 41 ms that way), and a process's peak RSS is then the row's own.
+
+Per row: median and p90 latency of ``runs`` timed batch-1 calls after ``warmup`` untimed ones, on one
+preprocessed evaluation image; the load time (in a fresh process: importing the runtime included);
+the process's peak RSS (interpreter, NumPy and the runtime included); and fidelity against the stored float reference on the first ``fidelity_images``
+evaluation images (speed is never reported without accuracy). Ratios are to ONNX Runtime fp32 when the
+peers run (``--peers``: ONNX Runtime and PyTorch eager on the same weights, see `edge_convnext.peers`),
+else to each format's fp32 artifact. Without ``--peers`` only NumPy, Pillow and the artifacts' runtimes
+are needed, so a Raspberry Pi prints the same table with its own numbers.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from edge_convnext.errors import RuntimeUnavailable
+from edge_convnext.errors import EdgeConvNextError, RuntimeUnavailable, first_line
 from edge_convnext.evaluate import find_artifacts
 from edge_convnext.manifest import manifest_path, read_manifest
-from edge_convnext.preprocessing import Preprocessing, preprocess_file
-from edge_convnext.runners import open_runner
+from edge_convnext.metrics import compare
+from edge_convnext.reference import REFERENCE_FILE, load_reference
+
+BASELINE = "onnxruntime-fp32"
+_WORKER_TIMEOUT_S = 1800
 
 
 @dataclass
-class Timing:
-    recipe: str
-    format: str
-    runner: str
-    size_mb: float
-    load_s: float
-    median_ms: float
-    p90_ms: float
+class BenchRow:
+    """One artifact or peer, measured in its own process."""
+
+    name: str
+    kind: str  # "artifact" or "peer"
+    runtime: str = "-"
+    precision: str = "-"
+    format: str = "-"
+    size_mb: float | None = None
+    load_s: float | None = None
+    median_ms: float | None = None
+    p90_ms: float | None = None
+    peak_rss_mb: float | None = None
+    fidelity: dict[str, Any] | None = None
     status: str = "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    runs: int = 20
+    warmup: int = 3
+    threads: int | None = None
+    fidelity_images: int = 32
+    data: Path | None = None
+    peers: bool = False
+    weights: str | None = None  # peers: default, the reference's recorded weights source
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def time_calls(fn: Callable[[], object], runs: int, warmup: int) -> list[float]:
@@ -47,45 +86,168 @@ def time_calls(fn: Callable[[], object], runs: int, warmup: int) -> list[float]:
     return sorted(times)
 
 
-def _image(m_pre: dict, sample: Path | None) -> np.ndarray:
-    if sample is None:
-        return np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
-    return preprocess_file(sample, Preprocessing.from_dict(m_pre))[None]
+def bench(paths: Sequence[Path], opts: BenchOptions, echo: Callable[[str], None] = lambda s: None) -> list[BenchRow]:
+    """Every artifact in ``paths`` (and the peers with ``opts.peers``), each in its own process."""
+    artifacts = find_artifacts(paths)
+    reference = artifacts[0].parent / REFERENCE_FILE
+    common = {"runs": opts.runs, "warmup": opts.warmup, "threads": opts.threads, "reference": str(reference),
+              "data": str(opts.data) if opts.data else None, "fidelity_images": opts.fidelity_images}
+    jobs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="edge-convnext-bench-") as tmp:
+        if opts.peers:
+            jobs += _peer_jobs(reference, opts, Path(tmp), echo)
+        jobs += [{"kind": "artifact", "path": str(a)} for a in artifacts]
+        rows = []
+        for i, job in enumerate(jobs, 1):
+            label = job.get("path") or job["peer"]
+            echo(f"[{i}/{len(jobs)}] bench {Path(label).name}")
+            rows.append(_run_worker({**common, **job}))
+    return rows
 
 
-def bench(paths: Sequence[Path], runs: int = 20, warmup: int = 3, threads: int | None = None,
-          image: Path | None = None) -> list[Timing]:
-    out = []
-    for path in find_artifacts(paths):
+def _peer_jobs(reference: Path, opts: BenchOptions, tmp: Path, echo: Callable[[str], None]) -> list[dict[str, Any]]:
+    from edge_convnext.peers import export_onnx
+
+    ref = load_reference(reference)
+    weights = opts.weights or ref.weights.get("source")
+    if not weights:
+        raise EdgeConvNextError(f"{reference}: records no weights source; pass --weights for the peers")
+    sha = ref.meta.get("weights_sha256")
+    echo(f"peers: exporting {weights} to ONNX (opset 18)")
+    onnx_path = export_onnx(weights, sha, tmp / "convnext.onnx")
+    return [{"kind": "peer", "peer": "onnxruntime-fp32", "onnx": str(onnx_path)},
+            {"kind": "peer", "peer": "pytorch-eager-fp32", "weights": weights, "weights_sha256": sha}]
+
+
+def _run_worker(job: dict[str, Any]) -> BenchRow:
+    name = Path(job["path"]).stem if job["kind"] == "artifact" else job["peer"]
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edge_convnext.bench", json.dumps(job)], capture_output=True,
+                              text=True, timeout=_WORKER_TIMEOUT_S, env={**os.environ, "TQDM_DISABLE": "1"})
+    except subprocess.TimeoutExpired:
+        return BenchRow(name, job["kind"], status=f"error: no result within {_WORKER_TIMEOUT_S} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return BenchRow(name, job["kind"], status=f"error: {tail}")
+    return BenchRow(**json.loads(lines[-1]))
+
+
+def _worker(job: dict[str, Any]) -> BenchRow:
+    """Measure one artifact or peer in this process (the body of ``python -m edge_convnext.bench JOB``)."""
+    from edge_convnext.dataset import load_subset
+    from edge_convnext.preprocessing import Preprocessing, preprocess_file
+
+    reference = load_reference(Path(job["reference"]))
+    subset = load_subset(Path(job["data"]) if job.get("data") else None)
+    by_id = {s.image_id: s for s in subset.samples}
+    ids = reference.image_ids[: max(1, int(job["fidelity_images"]))]
+    pre = Preprocessing.from_dict(reference.meta["preprocessing"])
+    x = np.stack([preprocess_file(by_id[i].path, pre) for i in ids])
+    threads = job.get("threads")
+
+    t0 = time.perf_counter()
+    if job["kind"] == "artifact":
+        from edge_convnext.runners import open_runner
+
+        path = Path(job["path"])
         m = read_manifest(manifest_path(path))
-        t0 = time.perf_counter()
+        row = BenchRow(m.recipe, "artifact", precision=m.precision, format=m.format, size_mb=m.size_bytes / 1e6)
         try:
-            runner = open_runner(path, m, threads=threads)
+            runner: Any = open_runner(path, m, threads=threads)
         except RuntimeUnavailable as e:
-            out.append(Timing(m.recipe, m.format, "-", m.size_bytes / 1e6, 0, 0, 0, f"not runnable here: {e}"))
-            continue
-        load_s = time.perf_counter() - t0
-        x = _image(m.preprocessing, image)
-        times = [1000 * t for t in time_calls(lambda: runner.run(x), runs, warmup)]
-        out.append(Timing(m.recipe, m.format, runner.name, m.size_bytes / 1e6, load_s, statistics.median(times),
-                          times[min(len(times) - 1, int(0.9 * len(times)))]))
+            row.status = f"not runnable here: {first_line(e)}"
+            return row
+    else:
+        from edge_convnext.peers import OnnxRuntimePeer, TorchEagerPeer
+
+        row = BenchRow(job["peer"], "peer", precision="fp32", format=job["peer"].split("-")[0])
+        if job["peer"] == "onnxruntime-fp32":
+            runner = OnnxRuntimePeer(Path(job["onnx"]), threads)
+            row.size_mb = Path(job["onnx"]).stat().st_size / 1e6
+        else:
+            runner = TorchEagerPeer(job["weights"], job.get("weights_sha256"), threads)
+    row.load_s = round(time.perf_counter() - t0, 3)
+    row.runtime = runner.name
+    got = runner.run(x)
+    fid = compare(reference.logits[reference.rows(ids)], got)
+    row.fidelity = {"images": fid.images, "sqnr_db": round(fid.sqnr_db, 2), "top1_agreement": fid.top1_agreement}
+    one = x[:1]
+    times = [1000 * t for t in time_calls(lambda: runner.run(one), int(job["runs"]), int(job["warmup"]))]
+    row.median_ms = round(statistics.median(times), 2)
+    row.p90_ms = round(times[min(len(times) - 1, int(0.9 * len(times)))], 2)
+    row.peak_rss_mb = round(_peak_rss_mb(), 1)
+    return row
+
+
+def ratios(rows: Sequence[BenchRow]) -> list[float | None]:
+    """Per row (same order): median latency over ONNX Runtime fp32's when measured, else over the first
+    fp32 artifact of its format; None for rows without a measurement."""
+    ok = [r for r in rows if r.status == "ok" and r.median_ms]
+    base = next((r.median_ms for r in ok if r.name == BASELINE), None)
+    fp32: dict[str, float] = {}
+    for r in ok:
+        if r.kind == "artifact" and r.precision == "fp32" and "portable" not in r.name:
+            fp32.setdefault(r.format, r.median_ms)  # type: ignore[arg-type]
+    out: list[float | None] = []
+    for r in rows:
+        ref = base if base else fp32.get(r.format)
+        out.append(r.median_ms / ref if r in ok and ref else None)
     return out
 
 
-def table(timings: Sequence[Timing], threads: int | None) -> str:
-    fp32 = {t.format: t.median_ms for t in timings if t.recipe.endswith("fp32") and t.status == "ok"
-            and "portable" not in t.recipe}
-    head = f"{'recipe':<26} {'runtime':<16} {'MB':>6} {'load s':>7} {'median ms':>10} {'p90 ms':>8} {'vs fp32':>8}"
-    lines = [f"threads: {threads or 'runtime default'}; peak RSS {_peak_rss_mb():.0f} MB", head, "-" * len(head)]
-    for t in timings:
-        if t.status != "ok":
-            lines.append(f"{t.recipe:<26} {t.status}")
+def table(rows: Sequence[BenchRow], threads: int | None) -> str:
+    """Markdown table of the rows, with the ratio column named after its baseline."""
+    rel = ratios(rows)
+    against = "vs ORT fp32" if any(r.name == BASELINE and r.status == "ok" for r in rows) else "vs format fp32"
+    head = (f"| what | runtime | MB | load s | median ms | p90 ms | {against} | peak RSS MB | SQNR dB | agree@1 |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+    lines = [f"threads: {threads or 'runtime default'}; each row in its own process; fidelity against the stored "
+             "float reference", "", head]
+    for r, x in zip(rows, rel):
+        if r.status != "ok":
+            lines.append(f"| {r.name} | {r.status} |  |  |  |  |  |  |  |  |")
             continue
-        ratio = f"{t.median_ms / fp32[t.format]:.2f}x" if t.format in fp32 else "-"
-        lines.append(f"{t.recipe:<26} {t.runner:<16} {t.size_mb:>6.1f} {t.load_s:>7.2f} {t.median_ms:>10.1f} "
-                     f"{t.p90_ms:>8.1f} {ratio:>8}")
+        f = r.fidelity or {}
+        ratio = f"{x:.2f}x" if x is not None else "-"
+        size = f"{r.size_mb:.1f}" if r.size_mb is not None else "-"
+        lines.append(f"| {r.name} | {r.runtime} | {size} | {r.load_s:.2f} | {r.median_ms:.1f} | {r.p90_ms:.1f} | "
+                     f"{ratio} | {r.peak_rss_mb:.0f} | {f.get('sqnr_db', float('nan')):.1f} | "
+                     f"{100 * f.get('top1_agreement', float('nan')):.1f}% ({f.get('images')}) |")
     return "\n".join(lines)
 
 
+def plot(rows: Sequence[BenchRow], path: Path, subtitle: str) -> None:
+    """PNG of top-1 agreement against median latency (the speed/fidelity trade-off), written atomically."""
+    from edge_convnext.report import Point, scatter_png
+
+    pts = [Point(r.name, r.median_ms, 100 * r.fidelity["top1_agreement"], r.format)
+           for r in rows if r.status == "ok" and r.fidelity and r.median_ms]
+    scatter_png(pts, path, "Top-1 agreement with the float reference vs latency (batch 1)", subtitle,
+                "median latency (ms, log scale)")
+
+
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident set size, MB.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this program's own memory.
+    ``ru_maxrss`` would not do there: Linux carries it across fork and exec, so every worker would
+    report at least the parent's size. Elsewhere ``ru_maxrss`` (bytes on macOS, KiB otherwise).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak / 1024.0
+
+
+if __name__ == "__main__":  # the worker: one job as JSON on the command line, one JSON line out
+    try:
+        result = _worker(json.loads(sys.argv[1]))
+    except EdgeConvNextError as e:
+        print(f"edge-convnext bench: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(result.to_dict()))

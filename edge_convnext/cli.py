@@ -123,11 +123,22 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from edge_convnext.bench import bench, table
+    from edge_convnext.bench import BenchOptions, bench, plot, ratios, table
+    from edge_convnext.fileio import write_json_atomic, write_text_atomic
 
-    timings = bench(args.paths, runs=args.runs, warmup=args.warmup, threads=args.threads, image=args.image)
-    print(table(timings, args.threads))
-    return 0
+    opts = BenchOptions(runs=args.runs, warmup=args.warmup, threads=args.threads, fidelity_images=args.fidelity_images,
+                        data=args.data, peers=args.peers, weights=args.weights)
+    rows = bench(args.paths, opts, echo=lambda s: print(s, file=sys.stderr))
+    text = table(rows, args.threads)
+    print(text)
+    if args.json:
+        write_json_atomic(args.json, {"threads": args.threads, "runs": args.runs,
+                                      "rows": [r.to_dict() | {"ratio": x} for r, x in zip(rows, ratios(rows))]})
+    if args.markdown:
+        write_text_atomic(args.markdown, text + "\n")
+    if args.plot:
+        plot(rows, args.plot, f"threads: {args.threads or 'runtime default'}, median of {args.runs} runs, each row in its own process")
+    return 1 if any(r.status.startswith("error") for r in rows) else 0
 
 
 def _cmd_app_eval(args: argparse.Namespace) -> int:
@@ -244,12 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", type=float, default=120.0, help="the --budget CI evaluates with (seconds)")
     s.set_defaults(func=_cmd_gate_init)
 
-    s = sub.add_parser("bench", help="latency of artifacts here, with ratios against each format's fp32")
+    s = sub.add_parser("bench", help="latency, load time, peak memory and fidelity per artifact, each in its own "
+                       "process; --peers adds ONNX Runtime and PyTorch eager on the same weights")
     s.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="artifacts or artifact directories")
     s.add_argument("--runs", type=int, default=20)
     s.add_argument("--warmup", type=int, default=3)
     s.add_argument("--threads", type=int)
-    s.add_argument("--image", type=Path, help="image to run (default: a fixed random tensor)")
+    s.add_argument("--peers", action="store_true", help="also ONNX Runtime fp32 and PyTorch eager (the [bench] and "
+                   "[convert] extras); ratios are then to ONNX Runtime fp32")
+    s.add_argument("--weights", help="the peers' weights (default: the reference's recorded source; its sha256 must match)")
+    s.add_argument("--fidelity-images", type=int, default=32, metavar="N",
+                   help="evaluation images for the fidelity columns (default 32)")
+    s.add_argument("--data", type=Path, help=data_help)
+    s.add_argument("--json", type=Path, metavar="FILE")
+    s.add_argument("--markdown", type=Path, metavar="FILE")
+    s.add_argument("--plot", type=Path, metavar="FILE", help="PNG: agreement against latency")
     s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("app-eval", help="top-1 agreement through the apps' own pipelines: MediaPipe's ImageClassifier "

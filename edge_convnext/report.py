@@ -10,6 +10,7 @@ import json
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,33 +180,54 @@ def convert_summary(outcomes: Sequence[Any], weights: dict[str, Any]) -> str:
 
 # --- the chart -----------------------------------------------------------------------------------------
 
-_COLORS = {"coreml": (52, 120, 246), "tflite": (242, 133, 0), "executorch": (46, 160, 67)}
+_COLORS = {"coreml": (52, 120, 246), "tflite": (242, 133, 0), "executorch": (46, 160, 67),
+           "onnxruntime": (120, 120, 120), "pytorch": (200, 60, 60)}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One labelled point of a `scatter_png` plot; ``mark_y`` adds an open square at (x, mark_y)."""
+
+    label: str
+    x: float
+    y: float
+    group: str
+    mark_y: float | None = None
 
 
 def plot(run: EvalRun, path: Path) -> None:
     """PNG: top-1 agreement with the float reference (and label top-1 for real weights) against size."""
+    pts = [Point(r.recipe + (" (emulated)" if r.emulated else ""), r.size_bytes / 1e6,
+                 100 * r.fidelity.top1_agreement, r.format,  # type: ignore[union-attr]
+                 100 * r.top1 if not run.synthetic and r.top1 is not None else None)
+           for r in run.results if r.status == "ok" and r.fidelity and r.size_bytes]
+    sub = f"weights: {run.weights.get('source')}  |  {run.requested_images} ImageNet-val images"
+    if run.synthetic:
+        sub += "  |  SYNTHETIC WEIGHTS: label accuracy meaningless"
+    scatter_png(pts, path, "Top-1 agreement with the float reference vs artifact size", sub,
+                "artifact size (MB, log scale)", alert=run.synthetic,
+                note=None if run.synthetic else "open square: label top-1")
+
+
+def scatter_png(pts: Sequence[Point], path: Path, title: str, subtitle: str, xlabel: str, alert: bool = False,
+                note: str | None = None) -> None:
+    """Top-1 agreement (%, y) against a log-scale x, one colour per group, labels kept apart; PNG, atomic."""
     from PIL import Image, ImageDraw, ImageFont
 
-    pts = [r for r in run.results if r.status == "ok" and r.fidelity and r.size_bytes]
     W, H, L, R, T, B = 1100, 720, 90, 260, 120, 70
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     font = _font(ImageFont, 15)
     small = _font(ImageFont, 13)
-    title = "Top-1 agreement with the float reference vs artifact size"
     d.text((L, 20), title, fill="black", font=_font(ImageFont, 20))
-    sub = f"weights: {run.weights.get('source')}  |  {run.requested_images} ImageNet-val images"
-    if run.synthetic:
-        sub += "  |  SYNTHETIC WEIGHTS: label accuracy meaningless"
-    d.text((L, 46), sub, fill=(160, 0, 0) if run.synthetic else (60, 60, 60), font=small)
+    d.text((L, 46), subtitle, fill=(160, 0, 0) if alert else (60, 60, 60), font=small)
     if not pts:
-        d.text((L, H // 2), "no artifact could be evaluated", fill="black", font=font)
+        d.text((L, H // 2), "no artifact could be measured", fill="black", font=font)
         _save_png(img, path)
         return
-    sizes = [r.size_bytes / 1e6 for r in pts]
-    agree = [100 * r.fidelity.top1_agreement for r in pts]  # type: ignore[union-attr]
-    xlo, xhi = math.log10(min(sizes) / 1.3), math.log10(max(sizes) * 1.3)
-    ylo = min(90.0, math.floor(min(agree) / 5) * 5)
+    xs = [p.x for p in pts]
+    xlo, xhi = math.log10(min(xs) / 1.3), math.log10(max(xs) * 1.3)
+    ylo = min(90.0, math.floor(min(p.y for p in pts) / 5) * 5)
     yhi = 100.5
     px = lambda v: L + (math.log10(v) - xlo) / (xhi - xlo) * (W - L - R)  # noqa: E731
     py = lambda v: T + (yhi - v) / (yhi - ylo) * (H - T - B)  # noqa: E731
@@ -214,32 +236,32 @@ def plot(run: EvalRun, path: Path) -> None:
         y = py(tick)
         d.line([L, y, W - R, y], fill=(230, 230, 230))
         d.text((L - 50, y - 8), f"{tick:.0f}%", fill="black", font=small)
-    for tick in (1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500):
+    for tick in (1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500, 1000, 2000, 5000):
         if xlo <= math.log10(tick) <= xhi:
             x = px(tick)
             d.line([x, T, x, H - B], fill=(230, 230, 230))
             d.text((x - 10, H - B + 6), f"{tick:g}", fill="black", font=small)
-    d.text(((L + W - R) // 2 - 80, H - 35), "artifact size (MB, log scale)", fill="black", font=font)
+    d.text(((L + W - R) // 2 - 80, H - 35), xlabel, fill="black", font=font)
     d.text((10, T - 22), "top-1 agreement", fill="black", font=font)
     placed: list[tuple[float, float, float, float]] = []
-    for r, s, a in sorted(zip(pts, sizes, agree), key=lambda t: (-t[2], t[1])):
-        x, y = px(s), py(a)
-        color = _COLORS.get(r.format, (100, 100, 100))
+    groups = list(dict.fromkeys(p.group for p in pts))
+    for p in sorted(pts, key=lambda q: (-q.y, q.x)):
+        x, y = px(p.x), py(p.y)
+        color = _COLORS.get(p.group, (100, 100, 100))
         d.ellipse([x - 6, y - 6, x + 6, y + 6], fill=color, outline="black")
-        label = r.recipe + (" (emulated)" if r.emulated else "")
-        width = d.textlength(label, font=small)
+        width = d.textlength(p.label, font=small)
         lx = x + 9 if x + 9 + width <= W - R - 4 else x - 9 - width  # keep labels inside the plot
-        d.text(_free_spot(d, placed, label, small, lx, y - 8), label, fill=(30, 30, 30), font=small)
-        if not run.synthetic and r.top1 is not None:
-            yy = py(100 * r.top1)
+        d.text(_free_spot(d, placed, p.label, small, lx, y - 8), p.label, fill=(30, 30, 30), font=small)
+        if p.mark_y is not None:
+            yy = py(p.mark_y)
             d.rectangle([x - 4, yy - 4, x + 4, yy + 4], outline=color)
     ly = T
-    for fmt, color in _COLORS.items():
-        d.ellipse([W - R + 20, ly + 4, W - R + 32, ly + 16], fill=color, outline="black")
-        d.text((W - R + 40, ly), fmt, fill="black", font=font)
+    for group in sorted(groups, key=lambda g: (g not in _COLORS, g)):
+        d.ellipse([W - R + 20, ly + 4, W - R + 32, ly + 16], fill=_COLORS.get(group, (100, 100, 100)), outline="black")
+        d.text((W - R + 40, ly), group, fill="black", font=font)
         ly += 26
-    if not run.synthetic:
-        d.text((W - R + 20, ly + 6), "open square: label top-1", fill="black", font=small)
+    if note:
+        d.text((W - R + 20, ly + 6), note, fill="black", font=small)
     _save_png(img, path)
 
 
