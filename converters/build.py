@@ -24,6 +24,7 @@ import torch
 from converters.backends import get_builder
 from converters.calibration import DEFAULT_CALIBRATION_IMAGES, CalibrationStream
 from converters.context import BuildContext, BuildResult
+from converters import rewrites
 from converters.model import export_model
 from converters.reference import ensure_reference
 from converters.weights import LoadedWeights, load_weights
@@ -105,6 +106,7 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
     reference = ensure_reference(weights, subset, out, opts.reference_images)
     calibration = CalibrationStream(subset.split("calibration"), weights.preprocessing)
     model = export_model(weights.model, weights.preprocessing)
+    rewritten: dict[tuple[str, ...], tuple[torch.nn.Module, dict[str, int]]] = {}  # one copy per pass list
     example = torch.from_numpy(next(iter(calibration(1))))
     toolchain = package_versions()
 
@@ -112,8 +114,11 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
         echo(f"[{i}/{len(recipes)}] {recipe.name}: building ({recipe.description})")
         t0 = time.perf_counter()
         try:
+            passes = tuple(recipe.options.get("rewrites", ()))
+            if passes not in rewritten:
+                rewritten[passes] = rewrites.apply(model, passes)
             m = _build_one(recipe, builders[recipe.format], weights, subset, labels, reference, calibration,
-                           model, example, toolchain, opts, echo)
+                           rewritten[passes], example, toolchain, opts, echo)
             outcome = Outcome(recipe, True, time.perf_counter() - t0, manifest=m)
             echo(f"[{i}/{len(recipes)}] {recipe.name}: done in {fmt_seconds(outcome.seconds)}, "
                  f"{m.size_bytes / 1e6:.1f} MB, parity {_parity_text(m.parity)}")
@@ -137,12 +142,13 @@ def _build_one(
     labels: list[str],
     reference: StoredReference,
     calibration: CalibrationStream,
-    model: torch.nn.Module,
+    rewritten: tuple[torch.nn.Module, dict[str, int]],
     example: torch.Tensor,
     toolchain: dict[str, str],
     opts: ConvertOptions,
     echo: Callable[[str], None],
 ) -> Manifest:
+    model, rewrite_counts = rewritten
     final = Path(opts.out) / recipe.filename
     planned = BuildResult.for_recipe(recipe)  # the backend's result replaces these specs
     manifest = Manifest(
@@ -177,6 +183,8 @@ def _build_one(
             result = builder(ctx, tmp)
             manifest.input, manifest.output = result.input, result.output
             manifest.lowering, manifest.embedded, manifest.notes = result.lowering, result.embedded, result.notes
+            if rewrite_counts:  # exact rewrites of the export model (converters.rewrites), before the backend
+                manifest.lowering["rewrites"] = rewrite_counts
             if manifest.calibration is not None:
                 manifest.calibration["count"] = result.calibration_used
                 manifest.calibration["image_ids"] = list(calibration.used_ids[: result.calibration_used])

@@ -1,0 +1,76 @@
+"""Exact rewrites of the export model (`converters.rewrites`): each one float-equal to the original."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from converters import rewrites  # noqa: E402
+from converters.model import export_model  # noqa: E402
+
+pytestmark = pytest.mark.convert
+
+
+@pytest.fixture(scope="module")
+def model_and_images(tiny_weights, subset):
+    from edge_convnext.preprocessing import preprocess_file
+
+    model = export_model(tiny_weights.model, tiny_weights.preprocessing, probabilities=False)
+    x = np.stack([preprocess_file(s.path, tiny_weights.preprocessing) for s in subset.split("evaluation")[:4]])
+    return model, torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("names", [["fold_layer_scale"], ["tile_depthwise"], ["fold_layer_scale", "tile_depthwise"]])
+def test_rewrites_are_float_equal(model_and_images, names):
+    model, x = model_and_images
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rewritten, counts = rewrites.apply(model, names)
+    blocks = sum(len(stage.layers) for stage in model.stages)
+    assert counts == dict.fromkeys(names, blocks)  # every block rewritten
+    with torch.no_grad():
+        ref, got = model(x), rewritten(x)
+    assert ref.std() > 1.0  # spread logits: the bound below means something
+    assert (got - ref).abs().max().item() <= 1e-4
+    # The input model is untouched.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fold_removes_the_layer_scale_and_tiling_uses_only_5x5_depthwise_convs(model_and_images):
+    model, _ = model_and_images
+    rewritten, _ = rewrites.apply(model, ["fold_layer_scale", "tile_depthwise"])
+    blocks = [layer for stage in rewritten.stages for layer in stage.layers]
+    assert all(b.layer_scale_parameter is None for b in blocks)
+    convs = [m for b in blocks for m in b.dwconv.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 * len(blocks) and {c.kernel_size for c in convs} == {(5, 5)}
+    assert all(c.groups == c.in_channels for c in convs)
+
+
+def test_tiling_refuses_what_it_cannot_rewrite_exactly():
+    with pytest.raises(ValueError, match="depthwise"):
+        rewrites.TiledDepthwise(torch.nn.Conv2d(8, 8, 7, padding=3), 5)  # not depthwise
+    with pytest.raises(ValueError, match="depthwise"):
+        rewrites.TiledDepthwise(torch.nn.Conv2d(8, 8, 7, stride=2, padding=3, groups=8), 5)
+    with pytest.raises(ValueError, match="unknown rewrite"):
+        rewrites.apply(torch.nn.Identity(), ["fuse_everything"])
+
+
+def test_a_recipe_option_applies_rewrites_and_the_manifest_records_them(tmp_path, monkeypatch):
+    """`convert` applies a recipe's ``rewrites`` before the backend; the artifact still matches the reference."""
+    import converters.build as build
+    from converters.build import ConvertOptions, convert
+    from edge_convnext.manifest import read_manifest
+    from edge_convnext.recipes import get_recipe
+
+    recipe = dataclasses.replace(get_recipe("tflite-fp32"), options={"rewrites": ["fold_layer_scale", "tile_depthwise"]})
+    monkeypatch.setattr(build, "select_recipes", lambda spec: [recipe])
+    report = convert(ConvertOptions(weights="random:0:convnext-test", recipes="tflite-fp32", out=tmp_path,
+                                    reference_images=8, parity_images=4), echo=lambda s: None)
+    assert report.ok, [o.error for o in report.outcomes]
+    m = read_manifest(tmp_path / "tflite-fp32.json")
+    assert m.lowering["rewrites"] == {"fold_layer_scale": 5, "tile_depthwise": 5}
+    assert m.parity["passed"] and m.parity["max_abs"] <= 1e-3
+    assert m.lowering["ops"]["DEPTHWISE_CONV_2D"] == 4 * 5
