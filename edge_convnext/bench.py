@@ -221,7 +221,8 @@ def plot(rows: Sequence[BenchRow], path: Path, subtitle: str) -> None:
     """PNG of top-1 agreement against median latency (the speed/fidelity trade-off), written atomically."""
     from edge_convnext.report import Point, scatter_png
 
-    pts = [Point(r.name, r.median_ms, 100 * r.fidelity["top1_agreement"], r.format)
+    pts = [Point(r.name + (" (emulated)" if "emulated" in r.runtime else ""), r.median_ms,
+                 100 * r.fidelity["top1_agreement"], r.format)
            for r in rows if r.status == "ok" and r.fidelity and r.median_ms]
     scatter_png(pts, path, "Top-1 agreement with the float reference vs latency (batch 1)", subtitle,
                 "median latency (ms, log scale)")
