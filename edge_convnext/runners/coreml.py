@@ -31,10 +31,11 @@ import numpy as np
 from edge_convnext.contract import CROP, InputContract, OutputContract, to_pil_images
 from edge_convnext.errors import ArtifactError, MissingExtra, RuntimeUnavailable
 from edge_convnext.manifest import NUM_CLASSES, Manifest
+from edge_convnext.recipes import ArtifactFormat
 from edge_convnext.runners.base import contracts, run_batched
 
-INPUT_CONTRACT = "rgb-image"
-OUTPUT_CONTRACT = "classifier"
+INPUT_CONTRACT = ArtifactFormat.COREML.input_contract  # "rgb-image"
+OUTPUT_CONTRACT = ArtifactFormat.COREML.output_contract  # "classifier"
 LABEL_FEATURE = "classLabel"
 _REBUILD = "Rebuild it with `edge-convnext convert`"
 
