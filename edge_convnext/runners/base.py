@@ -17,8 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edge_convnext.contract import InputContract, OutputContract, input_contract, output_contract
-from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS
+from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS, InputContract, OutputContract, input_contract, output_contract
 from edge_convnext.errors import ArtifactError
 from edge_convnext.manifest import Manifest
 from edge_convnext.recipes import ArtifactFormat
@@ -69,10 +68,6 @@ def run_batched(x: np.ndarray, contract: InputContract, run_one: Callable[[np.nd
 
     ``run_one`` takes one row of the contract's batch and returns the raw output -> ``[N, 1000]`` float32.
     """
-    if x.ndim != 4 or x.shape[1:] != (3, 224, 224):
-        raise ValueError(f"expected float32 [N, 3, 224, 224], got {x.dtype} {list(x.shape)}")
-    fed = contract.feed(x)
+    fed = contract.feed(x)  # ValueError unless x is [N, 3, 224, 224]
     return np.concatenate([np.asarray(run_one(fed[i : i + 1]), dtype=np.float32).reshape(1, -1) for i in range(len(fed))])
 
-
-__all__ = ["Runner", "open_runner", "contracts", "run_batched", "ArtifactError"]
