@@ -22,6 +22,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="directory written by `edge-convnext convert` (default: ./artifacts)")
     g.addoption("--data", default=None, help="ImageNet val data directory (default: ../shared/data)")
     g.addoption("--gate", default=None, help="gate thresholds file (default: the packaged one)")
+    g.addoption("--gate-other-weights", action="store_true",
+                help="check a gate measured on other weights than the artifacts' (refused by default)")
     g.addoption("--limit", type=int, default=200, help="evaluation images per artifact (default 200)")
     g.addoption("--threads", type=int, default=None, help="runtime threads")
 

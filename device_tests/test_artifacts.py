@@ -69,6 +69,6 @@ def test_meets_its_gate(artifact: Path, artifacts_dir: Path, pytestconfig) -> No
     gate_file = pytestconfig.getoption("--gate") or DEFAULT_GATE
     gate = load_gate(Path(gate_file))
     assert result.recipe in gate.recipes, f"{gate_file} has no thresholds for {result.recipe}"
-    verdict = check_gate(run, gate)
+    verdict = check_gate(run, gate, other_weights=pytestconfig.getoption("--gate-other-weights"))
     failures = [f"{c.metric}: {c.actual} (limit {c.limit}) {c.note}" for c in verdict.failures]
     assert not failures, f"{artifact.name} misses its gate: " + "; ".join(failures)

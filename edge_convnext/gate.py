@@ -34,6 +34,7 @@ class Gate:
     min_images: int = 1
     baseline_tolerance: dict[str, float] = field(default_factory=dict)
     source: str = ""
+    weights: dict[str, Any] = field(default_factory=dict)  # {"source", "sha256"} the thresholds were measured on
 
 
 @dataclass
@@ -77,11 +78,20 @@ def load_gate(path: Path) -> Gate:
         unknown = set(t) - _KNOWN_KEYS
         if unknown:
             raise ManifestError(f"{path}: recipe {name}: unknown threshold(s) {sorted(unknown)}")
-    return Gate(d["recipes"], int(d.get("min_images", 1)), dict(d.get("baseline_tolerance", {})), str(path))
+    weights = d.get("weights")
+    weights = weights if isinstance(weights, dict) else {"source": weights}  # v1 files named the source only
+    return Gate(d["recipes"], int(d.get("min_images", 1)), dict(d.get("baseline_tolerance", {})), str(path),
+                weights)
 
 
-def check_gate(run: EvalRun, gate: Gate, baseline: Path | None = None) -> GateResult:
+def check_gate(run: EvalRun, gate: Gate, baseline: Path | None = None, other_weights: bool = False) -> GateResult:
+    """Check ``run`` against ``gate``; a gate measured on other weights fails unless ``other_weights``.
+
+    Thresholds are measured numbers: a floor derived on the synthetic weights says nothing about a
+    user's real ones (it may sit far below what they need), so judging other weights by it is refused.
+    """
     out = GateResult([])
+    out.checks += _weights_check(run, gate, other_weights)
     base = _load_baseline(baseline, run, out) if baseline else {}
     for r in run.results:
         t = gate.recipes.get(r.recipe)
@@ -99,6 +109,21 @@ def check_gate(run: EvalRun, gate: Gate, baseline: Path | None = None) -> GateRe
         if r.recipe in base:
             out.checks += _regressions(r, base[r.recipe], gate.baseline_tolerance)
     return out
+
+
+def _weights_check(run: EvalRun, gate: Gate, other_weights: bool) -> list[Check]:
+    want, have = gate.weights.get("sha256"), run.weights.get("sha256")
+    if want is None and gate.weights.get("source") is None:
+        return []  # a hand-written gate that names no weights applies to any
+    same = want == have if want is not None else gate.weights.get("source") == run.weights.get("source")
+    if same:
+        return []
+    note = (f"the gate {gate.source} was measured on weights {gate.weights.get('source')} "
+            f"(sha256 {str(want)[:12]}), these artifacts are from {run.weights.get('source')} "
+            f"(sha256 {str(have)[:12]}); derive a gate for them with eval --json and gate-init")
+    if other_weights:
+        return [Check("(gate)", "weights", None, None, True, note + " (--gate-other-weights: checked anyway)")]
+    return [Check("(gate)", "weights", None, None, False, note + ", or pass --gate-other-weights")]
 
 
 def _thresholds(r: ArtifactResult, t: dict[str, Any]) -> list[Check]:
@@ -187,7 +212,8 @@ def gate_from_report(report: dict[str, Any], min_images: int = 100, budget_s: fl
         if n != min_images:
             t["min_images"] = n
         recipes[r["recipe"]] = t | {"measured": measured}
-    return {"schema": GATE_SCHEMA, "policy": GATE_POLICY, "weights": report.get("weights", {}).get("source"),
+    w = report.get("weights", {})
+    return {"schema": GATE_SCHEMA, "policy": GATE_POLICY, "weights": {"source": w.get("source"), "sha256": w.get("sha256")},
             "synthetic_weights": report.get("synthetic_weights"), "min_images": min_images,
             "baseline_tolerance": {"top1_agreement": 0.02, "sqnr_db": 1.0}, "recipes": recipes}
 

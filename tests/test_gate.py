@@ -85,3 +85,22 @@ def test_bad_gate_files(tmp_path):
     bad.write_text(json.dumps({"schema": GATE_SCHEMA, "recipes": {"q": {"min_sqnr": 3}}}))
     with pytest.raises(ManifestError, match=r"unknown threshold\(s\) \['min_sqnr'\]"):
         load_gate(bad)
+
+
+def test_gate_for_other_weights_fails_unless_asked():
+    gate = Gate(GATE.recipes, min_images=100, source="g.json", weights={"source": "random:0", "sha256": "abc"})
+    assert check_gate(_run(_result("q", 0.85, 22.0), sha="abc"), gate).passed
+    other = check_gate(_run(_result("q", 0.85, 22.0), sha="real"), gate)
+    assert [c.metric for c in other.failures] == ["weights"]
+    assert "measured on weights random:0" in other.failures[0].note and "gate-init" in other.failures[0].note
+    anyway = check_gate(_run(_result("q", 0.85, 22.0), sha="real"), gate, other_weights=True)
+    assert anyway.passed and "checked anyway" in anyway.checks[0].note
+    # a v1 gate file names only the source: compared by source
+    v1 = Gate(GATE.recipes, min_images=100, weights={"source": "random:0"})
+    assert check_gate(_run(_result("q", 0.85, 22.0), sha="x"), v1).passed
+
+
+def test_packaged_gate_names_its_weights():
+    from edge_convnext.cli import DEFAULT_GATE
+    g = load_gate(DEFAULT_GATE)
+    assert g.weights.get("source") and len(g.weights.get("sha256") or "") == 64
