@@ -26,16 +26,16 @@ from converters.calibration import DEFAULT_CALIBRATION_IMAGES, CalibrationStream
 from converters.context import BuildContext, BuildResult
 from converters import rewrites
 from converters.model import export_model
+from converters.weight_quant import WeightQuantConfig, prepare_weights
 from converters.reference import ensure_reference
 from converters.weights import LoadedWeights, load_weights
-from edge_convnext.dataset import SPLIT_RULE, ImageNetSubset, load_subset
+from edge_convnext.dataset import SPLIT_RULE, ImageNetSubset, Sample, ids_sha256, image_directory, load_subset
 from edge_convnext.errors import EdgeConvNextError, RuntimeUnavailable
 from edge_convnext.fileio import atomic_path, sha256_path
 from edge_convnext.info import package_versions
 from edge_convnext.labels import LABELS_FILE, write_labels
 from edge_convnext.labels import unique_labels
 from edge_convnext.manifest import Manifest, manifest_path, stamp, write_manifest
-from converters.context import BuildResult
 from edge_convnext.metrics import compare
 from edge_convnext.preprocessing import Preprocessing, preprocess_file
 from edge_convnext.progress import fmt_seconds
@@ -58,6 +58,7 @@ class ConvertOptions:
     out: Path = Path("artifacts")
     data: Path | None = None
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES
+    calibration: Path | None = None  # a directory of the user's own images instead of the calibration split
     parity_images: int = DEFAULT_PARITY_IMAGES
     reference_images: int | None = None  # None: the whole evaluation split
     preprocessing: Preprocessing | None = None
@@ -99,14 +100,16 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
     report = ConvertReport(weights.identity.to_dict(), out, warnings=list(weights.warnings))
     echo(_weights_banner(weights))
     subset = load_subset(opts.data)
+    calibration_samples = _calibration_samples(subset, opts)  # a bad --calibration DIR fails before any work
     labels = _labels(weights, subset)
     write_labels(out / LABELS_FILE, labels)
 
     echo(f"float reference: evaluation split of {subset.description}")
     reference = ensure_reference(weights, subset, out, opts.reference_images)
-    calibration = CalibrationStream(subset.split("calibration"), weights.preprocessing)
+    calibration = CalibrationStream(calibration_samples, weights.preprocessing)
     model = export_model(weights.model, weights.preprocessing)
     rewritten: dict[tuple[str, ...], tuple[torch.nn.Module, dict[str, int]]] = {}  # one copy per pass list
+    rounded: dict[tuple[Any, ...], tuple[torch.nn.Module, dict[str, Any]]] = {}  # one per (passes, rounding)
     example = torch.from_numpy(next(iter(calibration(1))))
     toolchain = package_versions()
 
@@ -114,11 +117,10 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
         echo(f"[{i}/{len(recipes)}] {recipe.name}: building ({recipe.description})")
         t0 = time.perf_counter()
         try:
-            passes = tuple(recipe.options.get("rewrites", ()))
-            if passes not in rewritten:
-                rewritten[passes] = rewrites.apply(model, passes)
+            prepared = _prepared_model(recipe, model, calibration, rewritten, rounded,
+                                       lambda msg: echo(f"    {recipe.name}: {msg}"))
             m = _build_one(recipe, builders[recipe.format], weights, subset, labels, reference, calibration,
-                           rewritten[passes], example, toolchain, opts, echo)
+                           prepared, model, example, toolchain, opts, echo)
             outcome = Outcome(recipe, True, time.perf_counter() - t0, manifest=m)
             echo(f"[{i}/{len(recipes)}] {recipe.name}: done in {fmt_seconds(outcome.seconds)}, "
                  f"{m.size_bytes / 1e6:.1f} MB, parity {_parity_text(m.parity)}")
@@ -134,6 +136,44 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
     return report
 
 
+@dataclass
+class PreparedModel:
+    """The export model as a backend receives it: after the recipe's exact rewrites and weight rounding."""
+
+    model: torch.nn.Module
+    rewrites: dict[str, int]
+    weight_rounding: dict[str, Any] | None = None
+
+
+def _prepared_model(
+    recipe: Recipe,
+    model: torch.nn.Module,
+    calibration: CalibrationStream,
+    rewritten: dict[tuple[str, ...], tuple[torch.nn.Module, dict[str, int]]],
+    rounded: dict[tuple[Any, ...], tuple[torch.nn.Module, dict[str, Any]]],
+    log: Callable[[str], None],
+) -> PreparedModel:
+    """Rewrites (`converters.rewrites`), then int8 weight rounding (`converters.weight_quant`), each cached
+    per configuration: recipes that ask for the same get the same model."""
+    passes = tuple(recipe.options.get("rewrites", ()))
+    if passes not in rewritten:
+        rewritten[passes] = rewrites.apply(model, passes)
+    m, counts = rewritten[passes]
+    rounding = recipe.options.get("weight_rounding")
+    if rounding is None:
+        return PreparedModel(m, counts)
+    cfg = WeightQuantConfig(**dict(rounding))
+    key = (passes, tuple(sorted(cfg.to_dict().items(), key=lambda kv: kv[0])).__repr__())
+    if key not in rounded:
+        log(f"int8 weight rounding ({cfg.method}, bias correction {cfg.bias_correction}) on "
+            f"{cfg.images} calibration images")
+        q, rep = prepare_weights(m, calibration(cfg.images), cfg, log)
+        rep.image_ids = list(calibration.used_ids)  # the calibration set's images, never evaluation ones
+        rounded[key] = (q, rep.to_dict())
+    q, rep = rounded[key]
+    return PreparedModel(q, counts, rep)
+
+
 def _build_one(
     recipe: Recipe,
     builder: Callable[[BuildContext, Path], BuildResult],
@@ -142,13 +182,14 @@ def _build_one(
     labels: list[str],
     reference: StoredReference,
     calibration: CalibrationStream,
-    rewritten: tuple[torch.nn.Module, dict[str, int]],
+    prepared: PreparedModel,
+    float_model: torch.nn.Module,
     example: torch.Tensor,
     toolchain: dict[str, str],
     opts: ConvertOptions,
     echo: Callable[[str], None],
 ) -> Manifest:
-    model, rewrite_counts = rewritten
+    model, rewrite_counts = prepared.model, prepared.rewrites
     final = Path(opts.out) / recipe.filename
     planned = BuildResult.for_recipe(recipe)  # the backend's result replaces these specs
     manifest = Manifest(
@@ -171,6 +212,7 @@ def _build_one(
         ctx = BuildContext(
             recipe=recipe,
             model=model,
+            float_model=float_model,
             example_input=example,
             calibration_images=calibration,
             calibration_count=opts.calibration_images,
@@ -185,6 +227,8 @@ def _build_one(
             manifest.lowering, manifest.embedded, manifest.notes = result.lowering, result.embedded, result.notes
             if rewrite_counts:  # exact rewrites of the export model (converters.rewrites), before the backend
                 manifest.lowering["rewrites"] = rewrite_counts
+            if prepared.weight_rounding is not None:  # torch-side int8 rounding the backend then stores as is
+                manifest.lowering["weight_rounding"] = prepared.weight_rounding
             if manifest.calibration is not None:
                 manifest.calibration["count"] = result.calibration_used
                 manifest.calibration["image_ids"] = list(calibration.used_ids[: result.calibration_used])
@@ -226,9 +270,19 @@ def _parity(artifact: Path, final: Path, m: Manifest, reference: StoredReference
     return out
 
 
+def _calibration_samples(subset: ImageNetSubset, opts: ConvertOptions) -> list[Sample]:
+    """The user's ``--calibration DIR`` images, else the data's calibration split (never evaluation images)."""
+    return image_directory(opts.calibration) if opts.calibration else subset.split("calibration")
+
+
 def _calibration_plan(recipe: Recipe, subset: ImageNetSubset, opts: ConvertOptions) -> dict[str, Any] | None:
     if not recipe.calibrated:
         return None
+    if opts.calibration:
+        samples = image_directory(opts.calibration)
+        return {"set": "user", "dir": str(opts.calibration), "rule": "every image under the directory, sorted by "
+                "relative path", "requested": opts.calibration_images, "images_available": len(samples),
+                "split_ids_sha256": ids_sha256(samples)}
     return {"set": "calibration", "rule": SPLIT_RULE, "requested": opts.calibration_images,
             "data": subset.description, "split_ids_sha256": subset.ids_sha256("calibration")}
 

@@ -17,7 +17,8 @@ DEFAULT_CALIBRATION_IMAGES = 128
 
 
 class CalibrationStream:
-    """``stream(n)`` yields float32 ``[1, 3, 224, 224]`` in [0, 1] for the first ``n`` readable images.
+    """``stream(n)`` yields float32 ``[1, 3, 224, 224]`` in [0, 1] for the first ``n`` readable images
+    (all of them when there are fewer).
 
     The split's order is fixed (sorted file names), so every build calibrates on the same images.
     Decoded images are cached: several recipes calibrate on the same set in one run.
@@ -30,8 +31,9 @@ class CalibrationStream:
         self.used_ids: list[str] = []
 
     def __call__(self, n: int) -> Iterator[np.ndarray]:
-        if n > len(self.samples):
-            raise ValueError(f"asked for {n} calibration images; the calibration split has {len(self.samples)}")
+        if n > len(self.samples):  # a small user directory: use all of it (manifests record the count used)
+            log.warning("asked for %d calibration images; using all %d there are", n, len(self.samples))
+            n = len(self.samples)
         given = 0
         self.used_ids = []
         for s in self.samples:

@@ -35,6 +35,13 @@ class BuildContext:
     embedded_manifest: dict[str, Any]
     workdir: Path
     log: Callable[[str], None] = print
+    # The float export model before the recipe's weight rounding (`converters.weight_quant`): what a
+    # backend's own fidelity check compares against. None: ``model`` itself.
+    float_model: torch.nn.Module | None = None
+
+    @property
+    def float_reference(self) -> torch.nn.Module:
+        return self.float_model if self.float_model is not None else self.model
 
 
 @dataclass

@@ -53,7 +53,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     pre = Preprocessing.from_hf_config_file(args.preprocessor_config) if args.preprocessor_config else None
     opts = ConvertOptions(
         weights=args.weights, recipes=args.recipes, out=args.out, data=args.data,
-        calibration_images=args.calibration_images, parity_images=args.parity_images,
+        calibration_images=args.calibration_images, calibration=args.calibration, parity_images=args.parity_images,
         reference_images=args.reference_images, preprocessing=pre, threads=args.threads, fail_fast=args.fail_fast,
     )
     report = convert(opts)
@@ -87,7 +87,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     gate_result = None
     if args.gate is not None:
         gate_file = DEFAULT_GATE if args.gate == "default" else Path(args.gate)
-        gate_result = check_gate(run, load_gate(gate_file), baseline=args.baseline)
+        gate_result = check_gate(run, load_gate(gate_file), baseline=args.baseline,
+                                 other_weights=args.gate_other_weights)
     text = write_reports(run, gate_result, json_path=args.json, junit_path=args.junit,
                          markdown_path=args.markdown, plot_path=args.plot, baseline_out=args.write_baseline)
     print(text)
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path, help=data_help)
     s.add_argument("--calibration-images", type=int, default=128, metavar="N",
                    help="calibration-split images for quantized recipes (default 128)")
+    s.add_argument("--calibration", type=Path, metavar="DIR",
+                   help="calibrate on your own images (every image under DIR) instead of the data's calibration split")
     s.add_argument("--parity-images", type=int, default=8, metavar="N",
                    help="evaluation images for the build-time parity check (default 8)")
     s.add_argument("--reference-images", type=int, metavar="N",
@@ -238,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per artifact: stop after this long and report the images done (slow runtimes, devices)")
     s.add_argument("--gate", nargs="?", const="default", metavar="FILE",
                    help="fail (exit 2) when an artifact misses its thresholds (default: the packaged gate file)")
+    s.add_argument("--gate-other-weights", action="store_true",
+                   help="check a gate that was measured on other weights than the artifacts' (refused by default)")
     s.add_argument("--baseline", type=Path, metavar="FILE", help="last accepted numbers; regressions beyond the "
                    "gate's tolerance fail")
     s.add_argument("--write-baseline", type=Path, metavar="FILE", help="write this run's numbers as a baseline")

@@ -67,6 +67,23 @@ def ids_sha256(samples: list[Sample]) -> str:
     return hashlib.sha256("\n".join(s.image_id for s in samples).encode()).hexdigest()
 
 
+def image_directory(path: Path) -> list[Sample]:
+    """Every image under ``path`` (recursively), sorted by relative path, unlabelled (label -1).
+
+    For a user's own calibration images (``convert --calibration DIR``): their domain, no labels needed.
+    The image id is the path relative to ``path``, so two sub-directories may hold the same file name.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{display_path(root)}: calibration directory does not exist; pass --calibration DIR "
+                        "with a directory of your own images")
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{display_path(root)}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) found; pass "
+                        "--calibration with a directory of your own images")
+    return [Sample(f.relative_to(root).as_posix(), f, -1) for f in files]
+
+
 def locate_data_dir(explicit: Path | None = None) -> Path:
     """``explicit``, else ``$EDGE_CONVNEXT_DATA``, else ``shared/data`` beside this checkout or the cwd."""
     if explicit is not None:

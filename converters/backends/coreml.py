@@ -296,7 +296,7 @@ def _fidelity_images(ctx: BuildContext) -> tuple[torch.Tensor, np.ndarray]:
     n = min(_FIDELITY_IMAGES, max(ctx.calibration_count, 1))
     images = torch.from_numpy(np.concatenate(list(ctx.calibration_images(n))).astype(np.float32))
     with torch.no_grad():
-        return images, _LOG_P(ctx.model.eval()(images).numpy())
+        return images, _LOG_P(ctx.float_reference.eval()(images).numpy())
 
 
 INPUT_DESCRIPTION = (
