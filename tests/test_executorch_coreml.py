@@ -103,6 +103,8 @@ def test_extract_writes_the_embedded_mlpackage(built, tmp_path, capsys):
     assert not stale.exists() and (out / "Manifest.json").is_file()
     with pytest.raises(EdgeConvNextError, match=r"must be a \.mlpackage"):
         etc.extract(built[PTE], tmp_path / "model.bin")
+    with pytest.raises(EdgeConvNextError, match=r"model\.tflite: not an ExecuTorch program"):
+        etc.extract(tmp_path / "model.tflite", tmp_path / "other.mlpackage")
 
 
 def test_extract_refuses_a_pte_without_core_ml(tmp_path):

@@ -226,6 +226,8 @@ def extract(artifact: Path, out: Path) -> Path:
     artifact, out = Path(artifact), Path(out)
     if out.suffix != ".mlpackage":
         raise EdgeConvNextError(f"{out}: the output must be a .mlpackage path (Xcode and coremltools require it)")
+    if artifact.suffix != ".pte":
+        raise EdgeConvNextError(f"{artifact}: not an ExecuTorch program; give the .pte of an executorch-coreml-* recipe")
     if not artifact.is_file():
         raise ArtifactError(f"{artifact}: no such ExecuTorch program")
     program = read_program(artifact, require_runnable=False)
