@@ -157,6 +157,15 @@ def _cmd_app_eval(args: argparse.Namespace) -> int:
     return 1 if any(r.error for r in run.results) else 0
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from edge_convnext.runners.executorch_coreml import extract
+
+    out = extract(args.artifact, args.out)
+    print(f"{out}: the Core ML model inside {args.artifact}'s CoreMLBackend delegate (float32 NCHW input, "
+          "logits output; the program's softmax is outside the delegate)")
+    return 0
+
+
 def _cmd_roi(args: argparse.Namespace) -> int:
     from edge_convnext.preprocessing import CONVNEXT_HF, Preprocessing
     from edge_convnext.roi import center_crop_roi, photo_roi
@@ -293,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", type=Path, help="take the preprocessing from this artifact manifest")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_roi)
+
+    s = sub.add_parser("extract", help="write the .mlpackage inside a Core ML-delegated .pte (to open it in Xcode)")
+    s.add_argument("artifact", type=Path, metavar="ARTIFACT.pte")
+    s.add_argument("out", type=Path, metavar="OUT.mlpackage")
+    s.set_defaults(func=_cmd_extract)
 
     s = sub.add_parser("classify", help="top-k class names with probabilities for images")
     s.add_argument("artifact", type=Path)

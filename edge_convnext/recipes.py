@@ -124,8 +124,8 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("executorch-xnnpack-int8", _E, "int8", "PT2E static per-channel int8, calibrated, XNNPACK delegate",
            calibrated=True, options={"ln_rewrite": True, **_INT8_WEIGHTS}),
     Recipe("executorch-portable-fp32", _E, "fp32", "no delegate (portable kernels)", parity_max_abs=_FP32_BOUND),
-    Recipe("executorch-coreml-fp16", _E, "fp16", "Core ML delegate, fp16 (exports on Linux; runs on Apple only)",
-           runs_on="Apple devices (ExecuTorch built with the Core ML backend)"),
+    Recipe("executorch-coreml-fp16", _E, "fp16", "Core ML delegate, fp16 (runs on Apple; emulated elsewhere)",
+           runs_on="Apple devices (ExecuTorch built with the Core ML backend); elsewhere the Core ML emulator"),
 )
 
 _BY_NAME: dict[str, Recipe] = {r.name: r for r in RECIPES}

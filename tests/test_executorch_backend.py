@@ -144,7 +144,7 @@ def test_portable_has_no_delegate(built):
     assert low["ops_outside_delegate"]["aten.native_layer_norm.default"] == 10
 
 
-def test_coreml_exports_here_and_is_not_runnable_here(built):
+def test_coreml_exports_here_and_runs_only_emulated(built):
     ctx, result, path = built("executorch-coreml-fp16")
     low = result.lowering
     # One Core ML partition; only the float32 softmax stays outside (portable kernel), by design.
@@ -163,8 +163,10 @@ def test_coreml_exports_here_and_is_not_runnable_here(built):
 
     if Runtime.get().backend_registry.is_available("CoreMLBackend"):
         pytest.skip("this ExecuTorch runtime has the Core ML backend")
+    # Without the backend the program runs emulated (tests/test_executorch_coreml.py); the real runtime refuses it.
+    assert open_runner(path).name == "executorch-coreml-emulated"
     with pytest.raises(RuntimeUnavailable, match="Apple devices only") as e:
-        open_runner(path)
+        et_runner.open(path, emulate=False)
     assert str(path) in str(e.value)
     assert json.loads(et_runner.read_embedded(path)["manifest"]) == ctx.embedded_manifest
 

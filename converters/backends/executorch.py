@@ -6,8 +6,9 @@ Recipes (see `edge_convnext.recipes`):
 * ``executorch-xnnpack-int8``: PT2E static int8 (``XNNPACKQuantizer``, symmetric, per-channel weights,
   per-tensor activations) calibrated on real calibration-split images, then XNNPACK.
 * ``executorch-portable-fp32``: no delegate; every op runs on the kernel library linked into the runtime.
-* ``executorch-coreml-fp16``: ExecuTorch's Core ML delegate, fp16 compute. It exports on Linux, but only
-  an ExecuTorch build with the Core ML backend (macOS/iOS) can execute it.
+* ``executorch-coreml-fp16``: ExecuTorch's Core ML delegate, fp16 compute. It exports on Linux; only an
+  ExecuTorch build with the Core ML backend (macOS/iOS) executes it natively, elsewhere the harness runs
+  the delegate's embedded model in the Core ML emulator (`edge_convnext.runners.executorch_coreml`).
 
 For the XNNPACK recipes the exported graph is first rewritten so that XNNPACK takes LayerNorm and the
 head's global mean (`executorch_rewrite`); otherwise each of the 23 LayerNorms ends a partition. The
@@ -344,7 +345,8 @@ def _notes(plan: _Plan, lowering: dict[str, Any]) -> list[str]:
                      "(the pip wheel links the optimized CPU kernels; a device build may link only the portable ones)")
     if plan.delegate == "coreml":
         notes.append("Core ML delegate: exported on Linux, runs on Apple devices only (macOS 13+/iOS 16+ with an "
-                     "ExecuTorch build that includes the Core ML backend); the Linux pip runtime cannot execute it")
+                     "ExecuTorch build that includes the Core ML backend); the Linux pip runtime cannot execute it, "
+                     "so the harness emulates the delegate's Core ML model there (executorch-coreml-emulated)")
     if plan.delegate and lowering["ops_outside_total"]:
         outside = lowering["ops_outside_delegate"]
         notes.append(f"{lowering['ops_outside_total']} op(s) run outside the delegate: {outside}")

@@ -135,7 +135,7 @@ def _checked_contracts(artifact: Path, manifest: Manifest | None,
 
 
 @contextlib.contextmanager
-def _thread_limit(threads: int | None) -> Iterator[None]:
+def thread_limit(threads: int | None) -> Iterator[None]:
     """Cap NumPy's BLAS threads (the emulator's conv/linear) when asked and threadpoolctl is there."""
     if not threads:
         yield
@@ -230,7 +230,7 @@ class EmulatedCoreMLRunner:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """float32 ``[N, 3, 224, 224]`` in [0, 1] -> float32 ``[N, 1000]`` log p (one program run per image)."""
-        with _thread_limit(self.threads):
+        with thread_limit(self.threads):
             return self.output_contract.log_scores(run_batched(x, self.input_contract, self._run_one))
 
     def _run_one(self, pixels: np.ndarray) -> np.ndarray:

@@ -9,6 +9,10 @@ sized to the logical cores by default. ``threads`` resizes it with the bindings'
 ``_unsafe_reset_threadpool`` before the method is loaded. Methods loaded earlier keep a pointer to
 the pool being replaced, so a resize invalidates every ExecuTorch runner opened before it in this
 process: using one afterwards raises instead of crashing.
+
+Core ML: a program delegated to ``CoreMLBackend`` runs only in an Apple build of ExecuTorch. Elsewhere
+`open` hands it to `edge_convnext.runners.executorch_coreml`, which extracts the delegate's Core ML
+model and runs it in the Core ML emulator ("executorch-coreml-emulated").
 """
 
 from __future__ import annotations
@@ -24,14 +28,16 @@ import numpy as np
 from edge_convnext.contract import InputContract, OutputContract, check_tensor
 from edge_convnext.errors import ArtifactError, RuntimeUnavailable
 from edge_convnext.manifest import Manifest
+from edge_convnext.runners import executorch_coreml
 from edge_convnext.runners.base import contracts, run_batched
+from edge_convnext.runners.executorch_coreml import COREML_BACKEND, EmulatedExecuTorchCoreMLRunner
 
 # The constant methods `converters.backends.executorch` embeds the metadata in.
 MANIFEST_METHOD = "edge_convnext_manifest"
 LABELS_METHOD = "edge_convnext_labels"
 CONTRACT_METHOD = "edge_convnext_contract"
 _EMBEDDED = {"manifest": MANIFEST_METHOD, "labels": LABELS_METHOD, "contract": CONTRACT_METHOD}
-_APPLE_ONLY = {"CoreMLBackend", "MPSBackend"}
+_APPLE_ONLY = {COREML_BACKEND, "MPSBackend"}
 _FLOAT32 = 6  # c10::ScalarType::Float, as TensorInfo.dtype() reports it
 _pool_generation = 0  # bumped on every threadpool resize; runners from older generations refuse to run
 
@@ -68,13 +74,15 @@ class ExecuTorchRunner:
 
 
 def open(  # noqa: A001 - the runner-module interface `edge_convnext.runners.base.open_runner` calls
-    artifact: Path, manifest: Manifest | None = None, threads: int | None = None
-) -> ExecuTorchRunner:
+    artifact: Path, manifest: Manifest | None = None, threads: int | None = None, *, emulate: bool | None = None
+) -> ExecuTorchRunner | EmulatedExecuTorchCoreMLRunner:
     """Load ``artifact`` (a ``.pte``) for batch-1 inference with ``threads`` runtime threads (None: the default).
 
+    A program with the Core ML delegate runs in emulation (`edge_convnext.runners.executorch_coreml`)
+    when this runtime lacks that backend, as every non-Apple one does; ``emulate`` forces either way.
     Raises `ArtifactError` for a missing, truncated or corrupted file or one that breaks the input
     contract, and `RuntimeUnavailable` when ExecuTorch is not installed or the program needs a
-    delegate this runtime lacks (the Core ML delegate runs on Apple devices only).
+    delegate this runtime lacks (and, for Core ML, has ops outside it that the emulation cannot run).
     """
     global _pool_generation
     artifact = Path(artifact)
@@ -82,6 +90,10 @@ def open(  # noqa: A001 - the runner-module interface `edge_convnext.runners.bas
         raise ArtifactError(f"{artifact}: no such ExecuTorch program; run `edge-convnext convert` to build it")
     runtime, legacy, torch = _runtime()
     backends = delegate_backends(artifact)
+    if emulate is None:
+        emulate = COREML_BACKEND in backends and not runtime.backend_registry.is_available(COREML_BACKEND)
+    if emulate:
+        return executorch_coreml.open(artifact, manifest, threads)
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
