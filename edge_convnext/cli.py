@@ -71,7 +71,7 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     from edge_convnext.dataset import load_subset
 
     weights = load_weights(args.weights)
-    ref = ensure_reference(weights, load_subset(args.data), args.out, args.limit)
+    ref = ensure_reference(weights, load_subset(args.data, args.ground_truth), args.out, args.limit)
     print(f"{args.out}/reference.npz: {len(ref.image_ids)} images, weights {weights.identity.source}")
     return 0
 
@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights")
     s.add_argument("--out", type=Path, default=DEFAULT_OUT)
     s.add_argument("--data", type=Path, help=data_help)
+    s.add_argument("--ground-truth", type=Path, help="'<file> <label>' ground truth for a user image directory")
     s.add_argument("--limit", type=int, metavar="N", help="only the first N evaluation images")
     s.set_defaults(func=_cmd_reference)
 
