@@ -71,7 +71,8 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     from edge_convnext.dataset import load_subset
 
     weights = load_weights(args.weights)
-    ref = ensure_reference(weights, load_subset(args.data, args.ground_truth), args.out, args.limit)
+    ref = ensure_reference(weights, load_subset(args.data, args.ground_truth), args.out, args.limit, ray=args.ray,
+                           threads=args.threads, shard_images=args.shard_images, ray_cpus=args.ray_cpus)
     print(f"{args.out}/reference.npz: {len(ref.image_ids)} images, weights {weights.identity.source}")
     return 0
 
@@ -231,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path, help=data_help)
     s.add_argument("--ground-truth", type=Path, help="'<file> <label>' ground truth for a user image directory")
     s.add_argument("--limit", type=int, metavar="N", help="only the first N evaluation images")
+    s.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="compute shards as Ray tasks on the "
+                   "cluster at ADDRESS (or a local one); workers need the [convert] and [ray] extras and the weights")
+    s.add_argument("--threads", type=int, help="torch threads per Ray task (default 1)")
+    s.add_argument("--shard-images", type=int, default=256, metavar="N", help="images per shard with --ray")
+    s.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray cluster (default: all cores)")
     s.set_defaults(func=_cmd_reference)
 
     s = sub.add_parser("eval", help="accuracy and fidelity of artifacts on the evaluation split, with an optional gate")

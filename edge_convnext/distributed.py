@@ -105,27 +105,37 @@ class RayExecutor:
         return dict(self.ray.get(task.remote(fmt.key, threads)))
 
     def run(self, shards: list[Shard], settings: ShardSettings) -> Iterator[tuple[int, ShardResult]]:
-        if not shards:
+        threads = settings.threads or 1
+        results = self.map(_task, [(s, settings) for s in shards], [len(s.samples) for s in shards], threads, "eval --ray")
+        for i, r in results:
+            if isinstance(r, Exception):  # the worker died on every attempt, or a bug
+                r = ShardResult(status="error", reason=f"failed after {self.retries} retries: "
+                                f"{type(r).__name__}: {first_line(r)}")
+            yield i, r
+
+    def map(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]], images: list[int], threads: int,
+            label: str) -> Iterator[tuple[int, Any]]:
+        """``fn(*call)`` for each call as a Ray task of ``threads`` CPUs: (position, result or the RayError).
+
+        ``images`` per call feed the progress line (shards done, images/s, ETA).
+        """
+        if not calls:
             return
         ray = self.ray
-        threads = settings.threads or 1
         if threads > self.max_node_cpus():
             raise EdgeConvNextError(f"--threads {threads}: no Ray node has that many CPUs ({self.max_node_cpus()} "
                                     "at most); a task reserves one CPU per runtime thread")
-        task = ray.remote(num_cpus=threads, max_retries=self.retries)(_task)
-        pending = {task.remote(s, settings): i for i, s in enumerate(shards)}
-        total = sum(len(s.samples) for s in shards)
-        label: Callable[[int], str] = lambda k: f"eval --ray: {k}/{len(shards)} shards"  # noqa: E731
-        with Progress(total, label(0), rate_unit="images") as progress:
+        task = ray.remote(num_cpus=threads, max_retries=self.retries)(fn)
+        pending = {task.remote(*c): i for i, c in enumerate(calls)}
+        with Progress(sum(images), f"{label}: 0/{len(calls)} shards", rate_unit="images") as progress:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     i = pending.pop(ref)
                     try:
                         r = ray.get(ref)
-                    except ray.exceptions.RayError as e:  # the worker died on every attempt, or a bug
-                        r = ShardResult(status="error", reason=f"failed after {self.retries} retries: "
-                                        f"{type(e).__name__}: {first_line(e)}")
-                    progress.label = label(len(shards) - len(pending))
-                    progress.advance(len(shards[i].samples), failed=len(r.failed_ids))
+                    except ray.exceptions.RayError as e:
+                        r = e
+                    progress.label = f"{label}: {len(calls) - len(pending)}/{len(calls)} shards"
+                    progress.advance(images[i], failed=len(getattr(r, "failed_ids", [])))  # unreadable images
                     yield i, r

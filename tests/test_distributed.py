@@ -1,6 +1,6 @@
 """``eval --ray`` and ``--results``: sharded numbers equal local ones exactly; lost workers, resumes, corruption.
 
-Tiny ``convnext-test`` artifacts (tflite-fp32 and executorch-xnnpack-fp32) on a local Ray cluster with
+Tiny ``convnext-test`` artifacts (tflite-fp32 and executorch-xnnpack-fp32) and float reference on a local Ray cluster with
 ``num_cpus=2``. A worker is killed for real (``os._exit`` mid-shard, `edge_convnext.distributed.TEST_EXIT_ENV`).
 """
 
@@ -171,3 +171,20 @@ def test_local_eval_does_not_import_ray(built):
         "assert 'ray' not in sys.modules, 'ray was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_float_reference_on_ray_equals_local(cluster, tiny_weights, subset):
+    import torch
+
+    from converters.reference import compute_reference, reference_samples
+
+    samples = reference_samples(subset, 32)
+    default = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same torch thread count as each Ray task below
+    try:
+        local = compute_reference(tiny_weights, samples, {})
+    finally:
+        torch.set_num_threads(default)
+    sharded = compute_reference(tiny_weights, samples, {}, ray="local", threads=1, shard_images=16)
+    assert sharded.image_ids == local.image_ids and np.array_equal(sharded.labels, local.labels)
+    assert np.array_equal(sharded.logits, local.logits)
