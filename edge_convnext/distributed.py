@@ -5,7 +5,8 @@ on every worker. What travels where:
 
 * artifacts and images are read from the same paths on every worker (a shared filesystem: NFS, a
   cluster volume); each task re-checks its artifact's sha256 against the manifest and against the
-  sha256 the driver planned with, so a worker seeing a different file fails that shard loudly;
+  sha256 the driver planned with, so a worker seeing a different file fails that shard loudly; a
+  worker process keeps the last runner it opened, so consecutive shards of one artifact load it once;
 * the stored reference stays on the driver: a task returns its shard's raw logits through Ray's
   object store, and the driver computes every metric once over all of them
   (`edge_convnext.evaluate.merge_shards`), which is why sharded numbers equal local ones exactly.
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_convnext.errors import EdgeConvNextError, MissingExtra, first_line
+from edge_convnext.manifest import Manifest
 from edge_convnext.progress import Progress
 from edge_convnext.recipes import ArtifactFormat
+from edge_convnext.runners import Runner, open_runner
 from edge_convnext.shards import ProgressFn, Shard, ShardResult, ShardSettings, host_identity, run_shard
 
 # Test-only fault injection: a directory; a file "once" in it makes one worker os._exit mid-shard
@@ -58,9 +61,23 @@ def _test_exit_hook() -> ProgressFn | None:
     return hook
 
 
+# The last runner this worker process opened: consecutive shards of one artifact (the usual order, since
+# shards are submitted artifact by artifact) skip the load (0.1 to 17 s per artifact, see bench). One
+# entry only, so a worker holds one artifact's memory. Its sha256 is still checked on every shard.
+_LAST_RUNNER: dict[tuple[str, str, int | None], Runner] = {}
+
+
+def _open_last(path: Path, m: Manifest, threads: int | None) -> Runner:
+    key = (str(path), m.sha256, threads)
+    if key not in _LAST_RUNNER:
+        _LAST_RUNNER.clear()
+        _LAST_RUNNER[key] = open_runner(path, m, threads=threads)
+    return _LAST_RUNNER[key]
+
+
 def _task(shard: Shard, settings: ShardSettings) -> ShardResult:
     """Runs on a worker: the shared `run_shard`, images decoded there."""
-    return run_shard(shard, settings, on_batch=_test_exit_hook())
+    return run_shard(shard, settings, on_batch=_test_exit_hook(), opener=_open_last)
 
 
 def _identity_task(fmt_key: str, threads: int | None) -> dict[str, Any]:

@@ -25,10 +25,10 @@ import numpy as np
 from edge_convnext.dataset import Sample, ids_sha256
 from edge_convnext.errors import ArtifactError, EdgeConvNextError, ImageError, ManifestError, RuntimeUnavailable
 from edge_convnext.info import version
-from edge_convnext.manifest import manifest_path, read_manifest, verify_artifact
+from edge_convnext.manifest import Manifest, manifest_path, read_manifest, verify_artifact
 from edge_convnext.preprocessing import Preprocessing, crop_uint8, load_rgb, to_unit_float
 from edge_convnext.recipes import ArtifactFormat
-from edge_convnext.runners import open_runner
+from edge_convnext.runners import Runner, open_runner
 
 log = logging.getLogger(__name__)
 BATCH = 8  # images per runner call; shard boundaries are multiples of it so batches match the local run
@@ -135,6 +135,10 @@ CropFn = Callable[[Sample], "np.ndarray | None"]
 ProgressFn = Callable[[int, int], None]  # (images done, of which failed)
 
 
+def _open(path: Path, m: Manifest, threads: int | None) -> Runner:
+    return open_runner(path, m, threads=threads)
+
+
 def decode_crop(s: Sample, p: Preprocessing) -> np.ndarray | None:
     """uint8 ``[224, 224, 3]`` crop of one image, or None (logged) when it cannot be read."""
     try:
@@ -144,13 +148,18 @@ def decode_crop(s: Sample, p: Preprocessing) -> np.ndarray | None:
         return None
 
 
+OpenFn = Callable[[Path, Manifest, "int | None"], Runner]
+
+
 def run_shard(shard: Shard, settings: ShardSettings, crop: CropFn | None = None,
-              on_batch: ProgressFn | None = None, budget_s: float | None = None) -> ShardResult:
+              on_batch: ProgressFn | None = None, budget_s: float | None = None,
+              opener: OpenFn | None = None) -> ShardResult:
     """Open the shard's artifact once (sha256 checked), run its images through the shared preprocessing.
 
     ``crop`` maps a sample to its uint8 crop (default: decode it here); ``budget_s`` stops after that
-    many seconds with the images done (``stopped_by_budget``). Never raises for the artifact's faults:
-    they come back as the result's status and reason.
+    many seconds with the images done (``stopped_by_budget``); ``opener`` loads the runner (default
+    `open_runner`; Ray workers keep the last one). Never raises for the artifact's faults: they come
+    back as the result's status and reason.
     """
     t_start = time.perf_counter()
     job = shard.job
@@ -168,7 +177,7 @@ def run_shard(shard: Shard, settings: ShardSettings, crop: CropFn | None = None,
                                 f"for {job.sha256[:12]}…; every worker must see the same artifact files")
         if settings.verify:
             verify_artifact(path, m)
-        runner = open_runner(path, m, threads=settings.threads)
+        runner = (opener or _open)(path, m, settings.threads)
     except RuntimeUnavailable as e:
         result.status, result.reason = "not runnable here", str(e)
         return result
