@@ -9,6 +9,7 @@ Needs NumPy, Pillow and the artifact's runtime only (no Ray, no torch).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -104,6 +105,7 @@ def plan_shards(job: ArtifactJob, samples: list[Sample], shard_images: int | Non
     return [Shard(job, i, tuple(samples[i : i + size])) for i in range(0, len(samples), size)]
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_signature() -> str:
     """The CPU's model and ISA flags, hashed: runtimes pick kernels (AVX2, AVX-512, NEON dot) by them."""
     text = platform.processor() or ""
@@ -133,6 +135,7 @@ def shard_key(shard: Shard, settings: ShardSettings, identity: dict[str, Any]) -
 
 CropFn = Callable[[Sample], "np.ndarray | None"]
 ProgressFn = Callable[[int, int], None]  # (images done, of which failed)
+OpenFn = Callable[[Path, Manifest, "int | None"], Runner]
 
 
 def _open(path: Path, m: Manifest, threads: int | None) -> Runner:
@@ -146,9 +149,6 @@ def decode_crop(s: Sample, p: Preprocessing) -> np.ndarray | None:
     except ImageError as e:  # counted as failed; the run goes on
         log.warning("%s", e)
         return None
-
-
-OpenFn = Callable[[Path, Manifest, "int | None"], Runner]
 
 
 def run_shard(shard: Shard, settings: ShardSettings, crop: CropFn | None = None,
