@@ -19,6 +19,7 @@ is retried ``retries`` times (Ray's ``max_retries``); after that its shard is an
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,18 @@ def _import_ray() -> Any:
     except ImportError:
         raise MissingExtra("ray", "ray", "eval --ray") from None
     return ray
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on a ``host:port`` nobody listens on: Ray itself retries such an address for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "local", "auto" and other forms Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise EdgeConvNextError(f"--ray {address}: nothing answers there ({e}); give the head node's address "
+                                "(`ray start --head` prints it), or no address to start a local cluster") from e
 
 
 def _test_exit_hook() -> ProgressFn | None:
@@ -97,7 +110,11 @@ class RayExecutor:
     def __enter__(self) -> RayExecutor:
         ray = self.ray
         if not ray.is_initialized():
-            env = {k: os.environ[k] for k in ("PYTHONPATH", TEST_EXIT_ENV) if os.environ.get(k)}
+            _check_reachable(self.address)
+            # A local cluster's workers get this process's PYTHONPATH (a checkout run without installing);
+            # a remote cluster's workers have their own install, and paths of this machine mean nothing there.
+            names = ("PYTHONPATH", TEST_EXIT_ENV) if self.address == LOCAL else (TEST_EXIT_ENV,)
+            env = {k: os.environ[k] for k in names if os.environ.get(k)}
             kw: dict[str, Any] = {"num_cpus": self.num_cpus} if self.address == LOCAL else {}
             try:
                 ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
