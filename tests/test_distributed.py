@@ -188,3 +188,11 @@ def test_float_reference_on_ray_equals_local(cluster, tiny_weights, subset):
     sharded = compute_reference(tiny_weights, samples, {}, ray="local", threads=1, shard_images=16)
     assert sharded.image_ids == local.image_ids and np.array_equal(sharded.labels, local.labels)
     assert np.array_equal(sharded.logits, local.logits)
+
+
+def test_unreachable_cluster_address_fails_fast():
+    from edge_convnext.distributed import _check_reachable
+
+    with pytest.raises(EdgeConvNextError, match="127.0.0.1:1: nothing answers there"):
+        _check_reachable("127.0.0.1:1", timeout_s=2.0)
+    _check_reachable("local")  # resolved by Ray itself
