@@ -71,7 +71,8 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     from edge_convnext.dataset import load_subset
 
     weights = load_weights(args.weights)
-    ref = ensure_reference(weights, load_subset(args.data), args.out, args.limit)
+    ref = ensure_reference(weights, load_subset(args.data, args.ground_truth), args.out, args.limit, ray=args.ray,
+                           threads=args.threads, shard_images=args.shard_images, ray_cpus=args.ray_cpus)
     print(f"{args.out}/reference.npz: {len(ref.image_ids)} images, weights {weights.identity.source}")
     return 0
 
@@ -82,8 +83,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from edge_convnext.report import write_reports
 
     opts = EvalOptions(data=args.data, ground_truth=args.ground_truth, reference=args.reference, limit=args.limit,
-                       threads=args.threads, verify=not args.no_verify, budget_s=args.budget)
+                       threads=args.threads, verify=not args.no_verify, budget_s=args.budget, results=args.results,
+                       ray=args.ray, shard_images=args.shard_images, ray_cpus=args.ray_cpus)
     run = evaluate_paths(args.paths, opts)
+    if args.results or args.ray is not None:
+        n = run.shards
+        print(f"shards: {n.get('computed', 0)} computed, {n.get('reused', 0)} reused from --results, "
+              f"{n.get('failed', 0)} failed, {n.get('corrupted', 0)} corrupted files recomputed", file=sys.stderr)
     gate_result = None
     if args.gate is not None:
         gate_file = DEFAULT_GATE if args.gate == "default" else Path(args.gate)
@@ -236,7 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights")
     s.add_argument("--out", type=Path, default=DEFAULT_OUT)
     s.add_argument("--data", type=Path, help=data_help)
+    s.add_argument("--ground-truth", type=Path, help="'<file> <label>' ground truth for a user image directory")
     s.add_argument("--limit", type=int, metavar="N", help="only the first N evaluation images")
+    s.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="compute shards as Ray tasks on the "
+                   "cluster at ADDRESS (or a local one); workers need the [convert] and [ray] extras and the weights")
+    s.add_argument("--threads", type=int, help="torch threads per Ray task (default 1)")
+    s.add_argument("--shard-images", type=int, default=256, metavar="N", help="images per shard with --ray")
+    s.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray cluster (default: all cores)")
     s.set_defaults(func=_cmd_reference)
 
     s = sub.add_parser("eval", help="accuracy and fidelity of artifacts on the evaluation split, with an optional gate")
@@ -260,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--markdown", type=Path, metavar="FILE")
     s.add_argument("--plot", type=Path, metavar="FILE", help="PNG: agreement and accuracy against size")
     s.add_argument("--no-verify", action="store_true", help="run artifacts whose sha256 does not match the manifest")
+    s.add_argument("--results", type=Path, metavar="DIR", help="keep finished shards here; a rerun with the same "
+                   "DIR computes only what is missing (keyed by artifact sha256, images, preprocessing, runtime "
+                   "version, threads and CPU)")
+    s.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="run shards as Ray tasks on the "
+                   "cluster at ADDRESS (or start a local one when no address is given); needs the [ray] extra. "
+                   "--threads defaults to 1 per task; --budget is refused")
+    s.add_argument("--shard-images", type=int, default=256, metavar="N", help="images per shard with --ray "
+                   "(default 256)")
+    s.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray cluster (default: all cores)")
     s.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("gate-init", help="write a gate file from a measured eval --json report")

@@ -21,9 +21,11 @@ class Progress:
     ``stream`` defaults to stderr so stdout stays clean for tables and JSON.
     """
 
-    def __init__(self, total: int, label: str, stream: TextIO | None = None, every_s: float = 5.0) -> None:
+    def __init__(self, total: int, label: str, stream: TextIO | None = None, every_s: float = 5.0,
+                 rate_unit: str | None = None) -> None:
         self.total = max(0, total)
-        self.label = label
+        self.label = label  # may be changed between advances (eval --ray shows the shards done in it)
+        self.rate_unit = rate_unit  # e.g. "images": adds "12.3 images/s"
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.every_s = every_s
@@ -52,6 +54,8 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         frac = self.done / self.total if self.total else 1.0
         failed = f", {self.failed} failed" if self.failed else ""
+        if self.rate_unit:
+            failed += f", {rate:.1f} {self.rate_unit}/s"
         if self.tty:
             bar = "#" * int(frac * 24)
             line = f"\r{self.label} [{bar:<24}] {self.done}/{self.total}{failed} {fmt_seconds(elapsed)} ETA {fmt_seconds(eta)}"

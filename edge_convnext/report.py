@@ -103,7 +103,7 @@ def markdown_report(run: EvalRun, gate: GateResult | None) -> str:
 def json_report(run: EvalRun, gate: GateResult | None) -> dict[str, Any]:
     return {
         "weights": run.weights, "synthetic_weights": run.synthetic, "data": run.data, "reference": run.reference,
-        "images": run.requested_images, "results": [r.to_dict() for r in run.results],
+        "images": run.requested_images, "shards": run.shards, "results": [r.to_dict() for r in run.results],
         "gate": None if gate is None else {"passed": gate.passed, "notes": gate.notes,
                                            "checks": [c.__dict__ for c in gate.checks]},
     }
@@ -158,7 +158,8 @@ def load_run(path: Path) -> EvalRun:
         r = dict(r)
         r["fidelity"] = Fidelity(**r["fidelity"]) if r.get("fidelity") else None
         results.append(ArtifactResult(**r))
-    return EvalRun(results, d["weights"], d["synthetic_weights"], d["data"], d["reference"], d["images"])
+    return EvalRun(results, d["weights"], d["synthetic_weights"], d["data"], d["reference"], d["images"],
+                   d.get("shards", {}))
 
 
 def convert_summary(outcomes: Sequence[Any], weights: dict[str, Any]) -> str:
