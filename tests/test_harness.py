@@ -270,3 +270,49 @@ def test_stored_reference_matches_transformers(built, tiny_weights, subset):
         want = ReferenceClassifier(tiny_weights.model, tiny_weights.preprocessing)(x).numpy()
     assert np.abs(ref.logits[:4] - want).max() < 1e-5
     assert ref.meta["synthetic"] and ref.meta["weights_sha256"] == tiny_weights.identity.sha256
+
+
+def test_classifier_api_takes_paths_pil_images_and_camera_frames(built, samples_dir):
+    from PIL import Image
+
+    from edge_convnext import Classifier
+
+    clf = Classifier(built / "tflite-fp32.tflite", top=3)
+    photo = samples_dir / "n02123045_tabby.JPEG"
+    by_path = clf.classify(photo)
+    assert len(by_path.top) == 3 and by_path.error is None
+    labels = (built / "labels.txt").read_text().splitlines()
+    assert all(labels[i] == name for i, name, _ in by_path.top)
+    rgb = np.asarray(Image.open(photo).convert("RGB"))
+    assert clf.classify(Image.fromarray(rgb)).top == by_path.top
+    # Picamera2 "RGB888" frames are BGR in memory, "XRGB8888" BGRX: both give the photo's classes.
+    assert clf.classify(rgb[:, :, ::-1], channel_order="BGR").top == by_path.top
+    bgrx = np.concatenate([rgb[:, :, ::-1], np.full_like(rgb[:, :, :1], 255)], axis=2)
+    assert clf.classify(bgrx, channel_order="BGRX").top == by_path.top
+    # The same frame read with the wrong order is a different image: the order is not ignored.
+    assert clf.classify(rgb[:, :, ::-1], channel_order="RGB").top != by_path.top
+    with pytest.raises(ValueError, match="channel_order"):
+        clf.classify(rgb)
+    with pytest.raises(ValueError, match="uint8"):
+        clf.classify(rgb.astype(np.float32), channel_order="RGB")
+
+
+def test_classifier_raises_typed_errors_naming_the_file(built, samples_dir, tmp_path):
+    from edge_convnext import Classifier
+    from edge_convnext.errors import ArtifactError, ImageError, ManifestError
+
+    clf = Classifier(built / "tflite-fp32.tflite")
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes((samples_dir / "n02123045_tabby.JPEG").read_bytes()[:2000])
+    with pytest.raises(ImageError, match="cut.jpg"):
+        clf.classify(bad)
+    out = tmp_path / "a"
+    shutil.copytree(built, out)
+    art = out / "tflite-fp32.tflite"
+    with open(art, "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ManifestError, match="tflite-fp32.tflite"):
+        Classifier(art)
+    art.write_bytes(art.read_bytes()[: art.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="tflite-fp32.tflite"):
+        Classifier(art, verify=False)
