@@ -316,3 +316,25 @@ def test_classifier_raises_typed_errors_naming_the_file(built, samples_dir, tmp_
     art.write_bytes(art.read_bytes()[: art.stat().st_size // 2])
     with pytest.raises(ArtifactError, match="tflite-fp32.tflite"):
         Classifier(art, verify=False)
+
+
+def test_parity_mode_compares_device_outputs_with_the_stored_host_outputs(built, tmp_path):
+    from edge_convnext.parity import (HostOutputs, compare_outputs, load_bounds, load_outputs, parity_image_ids,
+                                      run_artifact, save_outputs)
+    from edge_convnext.errors import ManifestError
+
+    art = built / "tflite-fp32.tflite"
+    ids = parity_image_ids(built, 3)
+    host = run_artifact(art, ids)
+    save_outputs(tmp_path / "host.npz", HostOutputs(ids, {art.name: host}, "x86_64"))
+    stored = load_outputs(tmp_path / "host.npz")
+    assert stored.image_ids == ids and stored.machine == "x86_64"
+    same = compare_outputs(art, stored, run_artifact(art, ids), load_bounds())
+    assert same.passed and same.images == 3 and same.precision == "fp32" and same.max_abs < 1e-5
+    # A device that computes something else (here: one logit off by 0.01) fails the fp32 bound.
+    off = host.copy()
+    off[0, 7] += 0.01
+    worse = compare_outputs(art, stored, off, load_bounds())
+    assert not worse.passed and worse.max_abs > worse.bound_max_abs
+    with pytest.raises(ManifestError, match="no entry for"):
+        compare_outputs(built / "executorch-xnnpack-fp32.pte", stored, host, load_bounds())
