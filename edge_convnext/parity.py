@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_convnext.dataset import load_subset
 from edge_convnext.errors import ManifestError
-from edge_convnext.evaluate import _samples_for
+from edge_convnext.evaluate import samples_for
 from edge_convnext.fileio import atomic_path
 from edge_convnext.manifest import manifest_path, read_manifest
 from edge_convnext.metrics import center, sqnr_db
@@ -69,7 +69,7 @@ def run_artifact(artifact: Path, image_ids: Sequence[str], data: Path | None = N
     """``artifact`` on the given evaluation images with its manifest's preprocessing -> float32 ``[N, 1000]``."""
     m = read_manifest(manifest_path(artifact))
     ref_path = artifact.parent / REFERENCE_FILE
-    samples = _samples_for(list(image_ids), load_subset(data), ref_path)
+    samples = samples_for(list(image_ids), load_subset(data), ref_path)
     pre = Preprocessing.from_dict(m.preprocessing)
     runner = open_runner(artifact, m, threads=threads)
     return runner.run(np.stack([preprocess_file(s.path, pre) for s in samples]))
