@@ -1,9 +1,15 @@
 """Run on the target device (Raspberry Pi with the light install, a Mac for Core ML) against artifacts.
 
     python -m pytest device_tests --artifacts DIR [--data DIR] [--gate FILE] [--limit N] [--threads N]
+                                  [--parity HOST_OUTPUTS.npz [--parity-report DIR]]
 
 DIR holds what ``edge-convnext convert`` wrote: artifacts, their ``.json`` manifests, ``labels.txt`` and
 ``reference.npz``. No torch is needed: the stored reference replaces the float model.
+
+Parity mode (``--parity``, what ``device_tests/emulate-pi`` uses): the statistical gate needs its minimum
+image count, which emulation (4-18 s per image) cannot afford. Instead each artifact's outputs here are
+compared with the build host's outputs of the same artifact on the same images, within the per-precision
+bounds of ``edge_convnext/gates/arm-parity.json``; the gate test is skipped with that reason.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="check a gate measured on other weights than the artifacts' (refused by default)")
     g.addoption("--limit", type=int, default=200, help="evaluation images per artifact (default 200)")
     g.addoption("--threads", type=int, default=None, help="runtime threads")
+    g.addoption("--parity", type=Path, default=None,
+                help="host outputs (.npz from emulate-pi): check parity against them instead of the gate")
+    g.addoption("--parity-report", type=Path, default=None, help="write one parity JSON per artifact here")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

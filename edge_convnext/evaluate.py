@@ -125,7 +125,7 @@ def evaluate_paths(paths: Sequence[Path], opts: EvalOptions) -> EvalRun:
     reference = load_reference(ref_path)
     subset = load_subset(opts.data, opts.ground_truth)
     ids = reference.image_ids[: opts.limit] if opts.limit else reference.image_ids
-    samples = _samples_for(ids, subset, ref_path)
+    samples = samples_for(ids, subset, ref_path)
     pre = Preprocessing.from_dict(reference.meta["preprocessing"])
     # With --ray a task reserves one Ray CPU per runtime thread, so the thread count must be explicit there.
     threads = opts.threads if opts.ray is None else (opts.threads or 1)
@@ -154,7 +154,7 @@ def evaluate_paths(paths: Sequence[Path], opts: EvalOptions) -> EvalRun:
                    display_path(ref_path), len(samples), dict(counts))
 
 
-def _samples_for(ids: list[str], subset: ImageNetSubset, ref_path: Path) -> list[Sample]:
+def samples_for(ids: list[str], subset: ImageNetSubset, ref_path: Path) -> list[Sample]:
     by_id = {s.image_id: s for s in subset.samples}
     missing = [i for i in ids if i not in by_id]
     if missing:

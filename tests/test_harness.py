@@ -270,3 +270,71 @@ def test_stored_reference_matches_transformers(built, tiny_weights, subset):
         want = ReferenceClassifier(tiny_weights.model, tiny_weights.preprocessing)(x).numpy()
     assert np.abs(ref.logits[:4] - want).max() < 1e-5
     assert ref.meta["synthetic"] and ref.meta["weights_sha256"] == tiny_weights.identity.sha256
+
+
+def test_classifier_api_takes_paths_pil_images_and_camera_frames(built, samples_dir):
+    from PIL import Image
+
+    from edge_convnext import Classifier
+
+    clf = Classifier(built / "tflite-fp32.tflite", top=3)
+    photo = samples_dir / "n02123045_tabby.JPEG"
+    by_path = clf.classify(photo)
+    assert len(by_path.top) == 3 and by_path.error is None
+    labels = (built / "labels.txt").read_text().splitlines()
+    assert all(labels[i] == name for i, name, _ in by_path.top)
+    rgb = np.asarray(Image.open(photo).convert("RGB"))
+    assert clf.classify(Image.fromarray(rgb)).top == by_path.top
+    # Picamera2 "RGB888" frames are BGR in memory, "XRGB8888" BGRX: both give the photo's classes.
+    assert clf.classify(rgb[:, :, ::-1], channel_order="BGR").top == by_path.top
+    bgrx = np.concatenate([rgb[:, :, ::-1], np.full_like(rgb[:, :, :1], 255)], axis=2)
+    assert clf.classify(bgrx, channel_order="BGRX").top == by_path.top
+    # The same frame read with the wrong order is a different image: the order is not ignored.
+    assert clf.classify(rgb[:, :, ::-1], channel_order="RGB").top != by_path.top
+    with pytest.raises(ValueError, match="channel_order"):
+        clf.classify(rgb)
+    with pytest.raises(ValueError, match="uint8"):
+        clf.classify(rgb.astype(np.float32), channel_order="RGB")
+
+
+def test_classifier_raises_typed_errors_naming_the_file(built, samples_dir, tmp_path):
+    from edge_convnext import Classifier
+    from edge_convnext.errors import ArtifactError, ImageError, ManifestError
+
+    clf = Classifier(built / "tflite-fp32.tflite")
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes((samples_dir / "n02123045_tabby.JPEG").read_bytes()[:2000])
+    with pytest.raises(ImageError, match="cut.jpg"):
+        clf.classify(bad)
+    out = tmp_path / "a"
+    shutil.copytree(built, out)
+    art = out / "tflite-fp32.tflite"
+    with open(art, "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ManifestError, match="tflite-fp32.tflite"):
+        Classifier(art)
+    art.write_bytes(art.read_bytes()[: art.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="tflite-fp32.tflite"):
+        Classifier(art, verify=False)
+
+
+def test_parity_mode_compares_device_outputs_with_the_stored_host_outputs(built, tmp_path):
+    from edge_convnext.parity import (HostOutputs, compare_outputs, load_bounds, load_outputs, parity_image_ids,
+                                      run_artifact, save_outputs)
+    from edge_convnext.errors import ManifestError
+
+    art = built / "tflite-fp32.tflite"
+    ids = parity_image_ids(built, 3)
+    host = run_artifact(art, ids)
+    save_outputs(tmp_path / "host.npz", HostOutputs(ids, {art.name: host}, "x86_64"))
+    stored = load_outputs(tmp_path / "host.npz")
+    assert stored.image_ids == ids and stored.machine == "x86_64"
+    same = compare_outputs(art, stored, run_artifact(art, ids), load_bounds())
+    assert same.passed and same.images == 3 and same.precision == "fp32" and same.max_abs < 1e-5
+    # A device that computes something else (here: one logit off by 0.01) fails the fp32 bound.
+    off = host.copy()
+    off[0, 7] += 0.01
+    worse = compare_outputs(art, stored, off, load_bounds())
+    assert not worse.passed and worse.max_abs > worse.bound_max_abs
+    with pytest.raises(ManifestError, match="no entry for"):
+        compare_outputs(built / "executorch-xnnpack-fp32.pte", stored, host, load_bounds())
