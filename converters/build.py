@@ -163,7 +163,7 @@ def _prepared_model(
     if rounding is None:
         return PreparedModel(m, counts)
     cfg = WeightQuantConfig(**dict(rounding))
-    key = (passes, tuple(sorted(cfg.to_dict().items(), key=lambda kv: kv[0])).__repr__())
+    key = (passes, cfg)  # a frozen dataclass: equal settings share one rounded model
     if key not in rounded:
         log(f"int8 weight rounding ({cfg.method}, bias correction {cfg.bias_correction}) on "
             f"{cfg.images} calibration images")
@@ -205,7 +205,7 @@ def _build_one(
         labels={"file": LABELS_FILE, "count": len(labels), "sha256": sha256_path(Path(opts.out) / LABELS_FILE)},
         toolchain=toolchain,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        calibration=_calibration_plan(recipe, subset, opts),
+        calibration=_calibration_plan(recipe, subset, calibration.samples, opts),
     )
     workdir = Path(tempfile.mkdtemp(prefix=f"edge-convnext-{recipe.name}-"))
     try:
@@ -275,11 +275,12 @@ def _calibration_samples(subset: ImageNetSubset, opts: ConvertOptions) -> list[S
     return image_directory(opts.calibration) if opts.calibration else subset.split("calibration")
 
 
-def _calibration_plan(recipe: Recipe, subset: ImageNetSubset, opts: ConvertOptions) -> dict[str, Any] | None:
+def _calibration_plan(recipe: Recipe, subset: ImageNetSubset, samples: list[Sample],
+                      opts: ConvertOptions) -> dict[str, Any] | None:
+    """What the manifest records of the calibration set (``samples``: the run's, from `_calibration_samples`)."""
     if not recipe.calibrated:
         return None
     if opts.calibration:
-        samples = image_directory(opts.calibration)
         return {"set": "user", "dir": str(opts.calibration), "rule": "every image under the directory, sorted by "
                 "relative path", "requested": opts.calibration_images, "images_available": len(samples),
                 "split_ids_sha256": ids_sha256(samples)}

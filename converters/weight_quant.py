@@ -52,6 +52,7 @@ class WeightQuantConfig:
     damp: float = 0.01  # GPTQ: diagonal damping, fraction of mean(diag H)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "skip", tuple(self.skip))  # hashable: build.py caches rounded models by config
         if self.method not in METHODS:
             raise ValueError(f"unknown weight rounding {self.method!r}; choose one of {METHODS}")
 

@@ -27,6 +27,16 @@ def samples_dir(subset: ImageNetSubset) -> Path:
     return subset.root / "samples"
 
 
+def convert_tiny(out: Path, recipes: str, **options) -> Path:
+    """``convert`` the tiny synthetic ConvNeXt into ``out`` (a few images per stage, no echo); all must build."""
+    from converters.build import ConvertOptions, convert
+
+    report = convert(ConvertOptions(weights="random:0:convnext-test", recipes=recipes, out=out, **options),
+                     echo=lambda s: None)
+    assert report.ok, [o.error for o in report.outcomes]
+    return out
+
+
 if HAS_TORCH:
 
     @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("litert_torch")
 pytest.importorskip("onnxruntime")
 
-from converters.build import ConvertOptions, convert  # noqa: E402
+from conftest import convert_tiny  # noqa: E402
 from edge_convnext.bench import BenchOptions, bench, ratios, table  # noqa: E402
 from edge_convnext.cli import main  # noqa: E402
 
@@ -23,11 +23,8 @@ pytestmark = pytest.mark.convert
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bench")
-    report = convert(ConvertOptions(weights="random:0:convnext-test", recipes="tflite-fp32,tflite-int8", out=out,
-                                    reference_images=16, parity_images=4, calibration_images=8), echo=lambda s: None)
-    assert report.ok, [o.error for o in report.outcomes]
-    return out
+    return convert_tiny(tmp_path_factory.mktemp("bench"), "tflite-fp32,tflite-int8",
+                        reference_images=16, parity_images=4, calibration_images=8)
 
 
 def test_peers_and_artifacts_side_by_side_with_fidelity(built):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, convert_tiny
 
 pytestmark = [pytest.mark.emulation, pytest.mark.convert]
 LIMIT = 2
@@ -23,13 +23,8 @@ LIMIT = 2
 
 @pytest.fixture(scope="module")
 def tiny_tflite(tmp_path_factory) -> Path:
-    from converters.build import ConvertOptions, convert
-
-    out = tmp_path_factory.mktemp("pi-artifacts")
-    report = convert(ConvertOptions(weights="random:0:convnext-test", recipes="tflite-fp32,tflite-int8", out=out,
-                                    reference_images=8, parity_images=4, calibration_images=8), echo=lambda s: None)
-    assert report.ok, [o.error for o in report.outcomes]
-    return out
+    return convert_tiny(tmp_path_factory.mktemp("pi-artifacts"), "tflite-fp32,tflite-int8",
+                        reference_images=8, parity_images=4, calibration_images=8)
 
 
 def test_emulate_pi_runs_info_classify_eval_and_device_tests_on_aarch64(tiny_tflite, tmp_path):

@@ -222,12 +222,9 @@ def test_coreml_w8_stores_the_rounded_weights(rounded, make_context, tmp_path):
 
 
 def _convert_tiny(out, **kw):
-    from converters.build import ConvertOptions, convert
+    from conftest import convert_tiny
 
-    report = convert(ConvertOptions(weights="random:0:convnext-test", recipes="tflite-int8", out=out,
-                                    reference_images=8, parity_images=2, calibration_images=4, **kw),
-                     echo=lambda s: None)
-    assert report.ok, [o.error for o in report.outcomes]
+    convert_tiny(out, "tflite-int8", reference_images=8, parity_images=2, calibration_images=4, **kw)
     return json.loads((out / "tflite-int8.json").read_text())
 
 
