@@ -26,6 +26,7 @@ from converters.calibration import DEFAULT_CALIBRATION_IMAGES, CalibrationStream
 from converters.context import BuildContext, BuildResult
 from converters import rewrites
 from converters.model import export_model
+from converters.quant_plan import QuantPlan
 from converters.weight_quant import WeightQuantConfig, prepare_weights
 from converters.reference import ensure_reference
 from converters.weights import LoadedWeights, load_weights
@@ -138,10 +139,12 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
 
 @dataclass
 class PreparedModel:
-    """The export model as a backend receives it: after the recipe's exact rewrites and weight rounding."""
+    """The export model as a backend receives it: after the recipe's exact rewrites and weight rounding,
+    with the plan of which layers stay float (`converters.quant_plan`)."""
 
     model: torch.nn.Module
     rewrites: dict[str, int]
+    plan: QuantPlan
     weight_rounding: dict[str, Any] | None = None
 
 
@@ -153,16 +156,18 @@ def _prepared_model(
     rounded: dict[tuple[Any, ...], tuple[torch.nn.Module, dict[str, Any]]],
     log: Callable[[str], None],
 ) -> PreparedModel:
-    """Rewrites (`converters.rewrites`), then int8 weight rounding (`converters.weight_quant`), each cached
-    per configuration: recipes that ask for the same get the same model."""
+    """Rewrites (`converters.rewrites`), the float-layer plan, then int8 weight rounding of the layers the
+    plan quantizes (`converters.weight_quant`), each cached per configuration: recipes that ask for the
+    same get the same model."""
     passes = tuple(recipe.options.get("rewrites", ()))
     if passes not in rewritten:
         rewritten[passes] = rewrites.apply(model, passes)
     m, counts = rewritten[passes]
+    plan = QuantPlan.for_model(m, recipe.options.get("float_layers", ()))
     rounding = recipe.options.get("weight_rounding")
     if rounding is None:
-        return PreparedModel(m, counts)
-    cfg = WeightQuantConfig(**dict(rounding))
+        return PreparedModel(m, counts, plan)
+    cfg = WeightQuantConfig(**{**dict(rounding), "skip": tuple(rounding.get("skip", ())) + plan.float_layers})
     key = (passes, cfg)  # a frozen dataclass: equal settings share one rounded model
     if key not in rounded:
         log(f"int8 weight rounding ({cfg.method}, bias correction {cfg.bias_correction}) on "
@@ -171,7 +176,7 @@ def _prepared_model(
         rep.image_ids = list(calibration.used_ids)  # the calibration set's images, never evaluation ones
         rounded[key] = (q, rep.to_dict())
     q, rep = rounded[key]
-    return PreparedModel(q, counts, rep)
+    return PreparedModel(q, counts, plan, rep)
 
 
 def _build_one(
@@ -213,6 +218,7 @@ def _build_one(
             recipe=recipe,
             model=model,
             float_model=float_model,
+            plan=prepared.plan,
             example_input=example,
             calibration_images=calibration,
             calibration_count=opts.calibration_images,
@@ -227,6 +233,8 @@ def _build_one(
             manifest.lowering, manifest.embedded, manifest.notes = result.lowering, result.embedded, result.notes
             if rewrite_counts:  # exact rewrites of the export model (converters.rewrites), before the backend
                 manifest.lowering["rewrites"] = rewrite_counts
+            if prepared.plan.float_layers:  # conv/linear layers the recipe keeps float (converters.quant_plan)
+                manifest.lowering["float_layers"] = prepared.plan.to_dict()
             if prepared.weight_rounding is not None:  # torch-side int8 rounding the backend then stores as is
                 manifest.lowering["weight_rounding"] = prepared.weight_rounding
             if manifest.calibration is not None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from converters.quant_plan import QuantPlan
 from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS
 from edge_convnext.manifest import TensorSpec
 from edge_convnext.recipes import Recipe
@@ -38,6 +39,8 @@ class BuildContext:
     # The float export model before the recipe's weight rounding (`converters.weight_quant`): what a
     # backend's own fidelity check compares against. None: ``model`` itself.
     float_model: torch.nn.Module | None = None
+    # Which conv/linear layers stay float (`converters.quant_plan`); None: the recipe quantizes all it can.
+    plan: QuantPlan | None = None
 
     @property
     def float_reference(self) -> torch.nn.Module:

@@ -36,7 +36,7 @@ import operator
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from torch.export import ExportedProgram
 
 from converters.backends.executorch_rewrite import RewriteCount, rewrite_for_xnnpack
 from converters.context import BuildContext, BuildResult
+from converters.quant_plan import QuantPlan
 from edge_convnext.errors import EdgeConvNextError
 from edge_convnext.recipes import Recipe
 from edge_convnext.runners.executorch import CONTRACT_METHOD, LABELS_METHOD, MANIFEST_METHOD
@@ -68,12 +69,7 @@ class _Plan:
     int8: bool = False
 
 
-_PLANS = {
-    "executorch-xnnpack-fp32": _Plan("xnnpack"),
-    "executorch-xnnpack-int8": _Plan("xnnpack", int8=True),
-    "executorch-portable-fp32": _Plan(None),
-    "executorch-coreml-fp16": _Plan("coreml"),
-}
+_DELEGATES = ("xnnpack", "coreml", None)
 
 
 def build(ctx: BuildContext, out: Path) -> BuildResult:
@@ -169,12 +165,12 @@ def _tempdir(path: Path) -> Iterator[None]:
 
 
 def _plan(recipe: Recipe) -> _Plan:
-    try:
-        return _PLANS[recipe.name]
-    except KeyError:
-        raise EdgeConvNextError(
-            f"{recipe.name}: no ExecuTorch build plan for this recipe; known: {', '.join(_PLANS)}"
-        ) from None
+    """The recipe's ``delegate`` option (None: portable kernels) and whether its precision is int8."""
+    delegate = recipe.options.get("delegate")
+    if delegate not in _DELEGATES or recipe.precision not in ("fp32", "fp16", "int8"):
+        raise EdgeConvNextError(f"{recipe.name}: no ExecuTorch build for delegate {delegate!r} and precision "
+                                f"{recipe.precision!r}; delegates: {', '.join(map(str, _DELEGATES))}")
+    return _Plan(delegate, int8=recipe.precision == "int8")
 
 
 def _partitioners(plan: _Plan) -> list[Partitioner]:
@@ -207,6 +203,8 @@ def _quantize_int8(gm: torch.fx.GraphModule, ctx: BuildContext) -> tuple[torch.f
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    if ctx.plan is not None and ctx.plan.float_layers:
+        quantizer.set_filter_function(_outside(ctx.plan))
     prepared = prepare_pt2e(gm, quantizer)
     ctx.log(f"calibrating on up to {ctx.calibration_count} calibration-split images")
     used = 0
@@ -217,6 +215,28 @@ def _quantize_int8(gm: torch.fx.GraphModule, ctx: BuildContext) -> tuple[torch.f
     if used == 0:
         raise EdgeConvNextError(f"{ctx.recipe.name}: no calibration image could be read; cannot calibrate int8")
     return convert_pt2e(prepared), used
+
+
+def _outside(plan: QuantPlan) -> Callable[[torch.fx.Node], bool]:
+    """PT2E node filter: False for the nodes of the plan's float layers, so the quantizer leaves them float.
+
+    A node belongs to the innermost module of its ``nn_module_stack`` (torch module names, as in the
+    plan). A module whose conv/linear layers are all float (a split depthwise conv with float pieces)
+    keeps its other nodes (the adds joining the pieces) float too, so no quantize/dequantize pair sits
+    between float ops.
+    """
+    floats = set(plan.float_layers)
+    all_float = {prefix for prefix in {n.rsplit(".", 1)[0] for n in floats}
+                 if all(x in floats for x in plan.layers if x.startswith(prefix + "."))}
+
+    def keep(node: torch.fx.Node) -> bool:
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return True
+        name = list(stack.values())[-1][0]
+        return name not in floats and name not in all_float
+
+    return keep
 
 
 def _reexport(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], rewrite: bool) -> ExportedProgram:

@@ -39,6 +39,7 @@ from converters.backends import tflite_flatbuffer as fb
 from converters.backends import tflite_metadata as tmd
 from converters.backends.tflite_lowering import lowering_report
 from converters.context import BuildContext, BuildResult
+from converters.quant_plan import quantizable_layers
 from edge_convnext import __version__
 from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS
 from edge_convnext.errors import EdgeConvNextError
@@ -180,8 +181,9 @@ def _dynamic_int8(ctx: BuildContext, model: bytes, result: BuildResult) -> tuple
 
     ctx.log("dynamic-range int8 (ai-edge-quantizer dynamic_wi8_afp32)")
     q = quantizer.Quantizer(model, recipe.dynamic_wi8_afp32())
+    kept = _keep_float(ctx, q, model)
     return _quantize(q), {"quantization": {"tool": "ai-edge-quantizer", "recipe": "dynamic_wi8_afp32",
-                                           "config": _jsonable(q.get_quantization_recipe())}}
+                                           "float_ops": kept, "config": _jsonable(q.get_quantization_recipe())}}
 
 
 def _static_int8(ctx: BuildContext, model: bytes, result: BuildResult) -> tuple[bytes, dict[str, Any]]:
@@ -202,6 +204,7 @@ def _static(ctx: BuildContext, model: bytes, result: BuildResult, activation_bit
     model, flattened = fb.flatten_fc_biases(model)
     q = quantizer.Quantizer(model)
     head = _static_recipe(q, model, activation_bits, scope)
+    kept = _keep_float(ctx, q, model)
     qsvs, used = _calibrate(ctx, model, q.get_quantization_recipe())
     result.calibration_used = used
     ctx.log(f"static int{activation_bits} activations ({scope}), calibrated on {used} images")
@@ -217,6 +220,7 @@ def _static(ctx: BuildContext, model: bytes, result: BuildResult, activation_bit
         "tool": "ai-edge-quantizer",
         "recipe": f"static_wi8_ai{activation_bits} with per-op settings",
         "activation_scope": scope,
+        "float_ops": kept,
         "calibration": {"images": used, "ranges": "absolute min/max"},
         "config": _jsonable(q.get_quantization_recipe()),
     }}
@@ -248,6 +252,25 @@ def _static_recipe(q: Any, model: bytes, activation_bits: int, scope: str) -> bo
         return False
     q.add_dynamic_config(fb.scope_regex(head[0][1]), op.FULLY_CONNECTED, num_bits=8)
     return True
+
+
+def _keep_float(ctx: BuildContext, q: Any, model: bytes) -> dict[str, str]:
+    """NO_QUANTIZE for the op of every float layer of ``ctx.plan`` -> {layer: TFLite op}.
+
+    Torch layer names are paired with the ops of ``model`` (the float flatbuffer) by
+    `tflite_flatbuffer.layer_ops`; the entries come after the recipe's own, so they win.
+    """
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    if ctx.plan is None or not ctx.plan.float_layers:
+        return {}
+    ops = fb.layer_ops(model, [(n, type(m).__name__) for n, m in quantizable_layers(ctx.model)])
+    for name in ctx.plan.float_layers:
+        kind, tensor = ops[name]
+        q.update_quantization_recipe(fb.scope_regex(tensor), qtyping.TFLOperationName(kind),
+                                     algorithm_key=AlgorithmName.NO_QUANTIZE)
+    return {name: ops[name][0] for name in ctx.plan.float_layers}
 
 
 def _calibrate(ctx: BuildContext, model: bytes, quant_recipe: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
