@@ -24,10 +24,8 @@ import torch
 from converters.backends import get_builder
 from converters.calibration import DEFAULT_CALIBRATION_IMAGES, CalibrationStream
 from converters.context import BuildContext, BuildResult
-from converters import rewrites
 from converters.model import export_model
-from converters.quant_plan import QuantPlan
-from converters.weight_quant import WeightQuantConfig, prepare_weights
+from converters.prepare import Preparation, PreparedModel
 from converters.reference import ensure_reference
 from converters.weights import LoadedWeights, load_weights
 from edge_convnext.dataset import SPLIT_RULE, ImageNetSubset, Sample, ids_sha256, image_directory, load_subset
@@ -109,8 +107,9 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
     reference = ensure_reference(weights, subset, out, opts.reference_images)
     calibration = CalibrationStream(calibration_samples, weights.preprocessing)
     model = export_model(weights.model, weights.preprocessing)
-    rewritten: dict[tuple[str, ...], tuple[torch.nn.Module, dict[str, int]]] = {}  # one copy per pass list
-    rounded: dict[tuple[Any, ...], tuple[torch.nn.Module, dict[str, Any]]] = {}  # one per (passes, rounding)
+    preparation = Preparation(model, calibration, opts.calibration_images)
+    if any(preparation.makes_choices(r) for r in recipes):
+        preparation.held_out()  # split once, before any backend calibrates: held-out images set nothing
     example = torch.from_numpy(next(iter(calibration(1))))
     toolchain = package_versions()
 
@@ -118,10 +117,10 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
         echo(f"[{i}/{len(recipes)}] {recipe.name}: building ({recipe.description})")
         t0 = time.perf_counter()
         try:
-            prepared = _prepared_model(recipe, model, calibration, rewritten, rounded,
-                                       lambda msg: echo(f"    {recipe.name}: {msg}"))
+            preparation.log = lambda msg, name=recipe.name: echo(f"    {name}: {msg}")
+            prepared = preparation.prepare(recipe)
             m = _build_one(recipe, builders[recipe.format], weights, subset, labels, reference, calibration,
-                           prepared, model, example, toolchain, opts, echo)
+                           prepared, preparation.statistics_images, model, example, toolchain, opts, echo)
             outcome = Outcome(recipe, True, time.perf_counter() - t0, manifest=m)
             echo(f"[{i}/{len(recipes)}] {recipe.name}: done in {fmt_seconds(outcome.seconds)}, "
                  f"{m.size_bytes / 1e6:.1f} MB, parity {_parity_text(m.parity)}")
@@ -137,48 +136,6 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
     return report
 
 
-@dataclass
-class PreparedModel:
-    """The export model as a backend receives it: after the recipe's exact rewrites and weight rounding,
-    with the plan of which layers stay float (`converters.quant_plan`)."""
-
-    model: torch.nn.Module
-    rewrites: dict[str, int]
-    plan: QuantPlan
-    weight_rounding: dict[str, Any] | None = None
-
-
-def _prepared_model(
-    recipe: Recipe,
-    model: torch.nn.Module,
-    calibration: CalibrationStream,
-    rewritten: dict[tuple[str, ...], tuple[torch.nn.Module, dict[str, int]]],
-    rounded: dict[tuple[Any, ...], tuple[torch.nn.Module, dict[str, Any]]],
-    log: Callable[[str], None],
-) -> PreparedModel:
-    """Rewrites (`converters.rewrites`), the float-layer plan, then int8 weight rounding of the layers the
-    plan quantizes (`converters.weight_quant`), each cached per configuration: recipes that ask for the
-    same get the same model."""
-    passes = tuple(recipe.options.get("rewrites", ()))
-    if passes not in rewritten:
-        rewritten[passes] = rewrites.apply(model, passes)
-    m, counts = rewritten[passes]
-    plan = QuantPlan.for_model(m, recipe.options.get("float_layers", ()))
-    rounding = recipe.options.get("weight_rounding")
-    if rounding is None:
-        return PreparedModel(m, counts, plan)
-    cfg = WeightQuantConfig(**{**dict(rounding), "skip": tuple(rounding.get("skip", ())) + plan.float_layers})
-    key = (passes, cfg)  # a frozen dataclass: equal settings share one rounded model
-    if key not in rounded:
-        log(f"int8 weight rounding ({cfg.method}, bias correction {cfg.bias_correction}) on "
-            f"{cfg.images} calibration images")
-        q, rep = prepare_weights(m, calibration(cfg.images), cfg, log)
-        rep.image_ids = list(calibration.used_ids)  # the calibration set's images, never evaluation ones
-        rounded[key] = (q, rep.to_dict())
-    q, rep = rounded[key]
-    return PreparedModel(q, counts, plan, rep)
-
-
 def _build_one(
     recipe: Recipe,
     builder: Callable[[BuildContext, Path], BuildResult],
@@ -188,13 +145,14 @@ def _build_one(
     reference: StoredReference,
     calibration: CalibrationStream,
     prepared: PreparedModel,
+    statistics_images: int,
     float_model: torch.nn.Module,
     example: torch.Tensor,
     toolchain: dict[str, str],
     opts: ConvertOptions,
     echo: Callable[[str], None],
 ) -> Manifest:
-    model, rewrite_counts = prepared.model, prepared.rewrites
+    model = prepared.model
     final = Path(opts.out) / recipe.filename
     planned = BuildResult.for_recipe(recipe)  # the backend's result replaces these specs
     manifest = Manifest(
@@ -219,9 +177,10 @@ def _build_one(
             model=model,
             float_model=float_model,
             plan=prepared.plan,
+            activation_ranges=prepared.activation_ranges,
             example_input=example,
             calibration_images=calibration,
-            calibration_count=opts.calibration_images,
+            calibration_count=min(opts.calibration_images, statistics_images),
             labels=labels,
             embedded_manifest=manifest.embedded_dict(),
             workdir=workdir,
@@ -231,12 +190,8 @@ def _build_one(
             result = builder(ctx, tmp)
             manifest.input, manifest.output = result.input, result.output
             manifest.lowering, manifest.embedded, manifest.notes = result.lowering, result.embedded, result.notes
-            if rewrite_counts:  # exact rewrites of the export model (converters.rewrites), before the backend
-                manifest.lowering["rewrites"] = rewrite_counts
-            if prepared.plan.float_layers:  # conv/linear layers the recipe keeps float (converters.quant_plan)
-                manifest.lowering["float_layers"] = prepared.plan.to_dict()
-            if prepared.weight_rounding is not None:  # torch-side int8 rounding the backend then stores as is
-                manifest.lowering["weight_rounding"] = prepared.weight_rounding
+            # what happened before the backend: rewrites, float layers, smoothing, rounding, ranges
+            manifest.lowering.update(prepared.lowering_records())
             if manifest.calibration is not None:
                 manifest.calibration["count"] = result.calibration_used
                 manifest.calibration["image_ids"] = list(calibration.used_ids[: result.calibration_used])

@@ -206,6 +206,7 @@ def _static(ctx: BuildContext, model: bytes, result: BuildResult, activation_bit
     head = _static_recipe(q, model, activation_bits, scope)
     kept = _keep_float(ctx, q, model)
     qsvs, used = _calibrate(ctx, model, q.get_quantization_recipe())
+    ranged = _torch_ranges(ctx, model, qsvs)
     result.calibration_used = used
     ctx.log(f"static int{activation_bits} activations ({scope}), calibrated on {used} images")
     if flattened:
@@ -214,14 +215,18 @@ def _static(ctx: BuildContext, model: bytes, result: BuildResult, activation_bit
     if head:
         result.notes.append("classifier FULLY_CONNECTED is dynamic-range int8 (int8 weights, float32 logits): "
                             "logits are not clipped to the range seen in calibration")
-    result.notes.append("activation ranges: absolute min/max over all calibration images (ai-edge-quantizer's "
-                        "default moving average keeps mostly the first images' ranges and clipped the logits)")
+    if ranged:
+        result.notes.append(f"activation ranges of {ranged} conv/fully-connected input and output tensors chosen on the "
+                            "torch side (lowering.activation_ranges); the others: absolute min/max over the calibration images")
+    else:
+        result.notes.append("activation ranges: absolute min/max over all calibration images (ai-edge-quantizer's "
+                            "default moving average keeps mostly the first images' ranges and clipped the logits)")
     return _quantize(q, qsvs), {"quantization": {
         "tool": "ai-edge-quantizer",
         "recipe": f"static_wi8_ai{activation_bits} with per-op settings",
         "activation_scope": scope,
         "float_ops": kept,
-        "calibration": {"images": used, "ranges": "absolute min/max"},
+        "calibration": {"images": used, "ranges": "absolute min/max", "tensors_ranged_on_torch_side": ranged},
         "config": _jsonable(q.get_quantization_recipe()),
     }}
 
@@ -265,12 +270,39 @@ def _keep_float(ctx: BuildContext, q: Any, model: bytes) -> dict[str, str]:
 
     if ctx.plan is None or not ctx.plan.float_layers:
         return {}
-    ops = fb.layer_ops(model, [(n, type(m).__name__) for n, m in quantizable_layers(ctx.model)])
+    ops = _layer_ops(ctx, model)
     for name in ctx.plan.float_layers:
-        kind, tensor = ops[name]
-        q.update_quantization_recipe(fb.scope_regex(tensor), qtyping.TFLOperationName(kind),
+        op = ops[name]
+        q.update_quantization_recipe(fb.scope_regex(op.output), qtyping.TFLOperationName(op.kind),
                                      algorithm_key=AlgorithmName.NO_QUANTIZE)
-    return {name: ops[name][0] for name in ctx.plan.float_layers}
+    return {name: ops[name].kind for name in ctx.plan.float_layers}
+
+
+def _layer_ops(ctx: BuildContext, model: bytes) -> dict[str, fb.LayerOp]:
+    return fb.layer_ops(model, [(n, type(m).__name__) for n, m in quantizable_layers(ctx.model)])
+
+
+def _torch_ranges(ctx: BuildContext, model: bytes, qsvs: dict[str, Any]) -> int:
+    """Replace the calibrator's min/max of every layer input/output tensor by ``ctx.activation_ranges``
+    (chosen on the torch side, `converters.prepare`); returns how many tensors were set.
+
+    The torch points and the TFLite tensors are the same activations of the same graph (the layers are
+    paired by `tflite_flatbuffer.layer_ops`), so only the range estimator differs from the calibrator's.
+    """
+    if not ctx.activation_ranges:
+        return 0
+    ops = _layer_ops(ctx, model)
+    set_ = 0
+    for point, (lo, hi) in ctx.activation_ranges.items():
+        op = ops[point.layer]
+        tensor = op.input if point.where == "input" else op.output
+        if tensor not in qsvs:
+            raise TFLiteBuildError(f"no calibration values for tensor {tensor!r} ({point}): cannot set its range")
+        old = qsvs[tensor]
+        qsvs[tensor] = {**old, "min": np.full_like(np.asarray(old["min"], dtype=np.float32), lo),
+                        "max": np.full_like(np.asarray(old["max"], dtype=np.float32), hi)}
+        set_ += 1
+    return set_
 
 
 def _calibrate(ctx: BuildContext, model: bytes, quant_recipe: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:

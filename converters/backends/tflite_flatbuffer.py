@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
@@ -78,8 +79,16 @@ def output_ops(model: bytes, depth: int = 2) -> list[tuple[str, str]]:
 _LAYER_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
 
 
-def layer_ops(model: bytes, layers: Sequence[tuple[str, str]]) -> dict[str, tuple[str, str]]:
-    """Torch layer name -> (TFLite op name, its output tensor name), for a litert-torch conversion.
+class LayerOp(NamedTuple):
+    """The TFLite op a torch layer became: op name and the names of its activation input and output."""
+
+    kind: str
+    output: str
+    input: str
+
+
+def layer_ops(model: bytes, layers: Sequence[tuple[str, str]]) -> dict[str, LayerOp]:
+    """Torch layer name -> the `LayerOp` it became, for a litert-torch conversion.
 
     ``layers``: (module name, class name) of every conv/linear of the converted module in network order
     (`converters.quant_plan.quantizable_layers`), e.g. ``("stages.2.layers.4.pwconv1", "Linear")``.
@@ -91,20 +100,21 @@ def layer_ops(model: bytes, layers: Sequence[tuple[str, str]]) -> dict[str, tupl
     """
     m = _read(model)
     sg = m.subgraphs[0]
-    ops = [(kind, sg.tensors[op.outputs[0]].name.decode("utf-8")) for op in sg.operators
-           if (kind := fbu.opcode_to_name(m, op.opcodeIndex) or "") in _LAYER_OPS]
+    ops = [LayerOp(kind, sg.tensors[op.outputs[0]].name.decode("utf-8"), sg.tensors[op.inputs[0]].name.decode("utf-8"))
+           for op in sg.operators if (kind := fbu.opcode_to_name(m, op.opcodeIndex) or "") in _LAYER_OPS]
     if len(ops) != len(layers):
         raise ValueError(f"{len(ops)} conv/fully-connected ops in the .tflite, {len(layers)} conv/linear layers "
                          "in the torch model: cannot pair them")
-    out: dict[str, tuple[str, str]] = {}
-    for (name, cls), (kind, tensor) in zip(layers, ops):
+    out: dict[str, LayerOp] = {}
+    for (name, cls), op in zip(layers, ops):
+        tensor = op.output
         scopes = [part for part in tensor.split(";")[0].split("/")]
         leaf = f"{cls}_{name.rsplit('.', 1)[-1]}"
         indices = re.findall(r"(?:stages|layers)\.(\d+)", name)
         found = re.findall(r"(?:Stage|Layer)_(\d+)", tensor.split(";")[0])
         if not scopes[-1].endswith(leaf) or (indices and indices != found[-len(indices):]):
             raise ValueError(f"layer {name} ({cls}) does not pair with the .tflite op writing {tensor!r}")
-        out[name] = (kind, tensor)
+        out[name] = op
     return out
 
 
