@@ -84,7 +84,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     opts = EvalOptions(data=args.data, ground_truth=args.ground_truth, reference=args.reference, limit=args.limit,
                        threads=args.threads, verify=not args.no_verify, budget_s=args.budget, results=args.results,
-                       ray=args.ray, shard_images=args.shard_images, ray_cpus=args.ray_cpus)
+                       ray=args.ray, shard_images=args.shard_images, ray_cpus=args.ray_cpus,
+                       decode_threads=args.decode_threads)
     run = evaluate_paths(args.paths, opts)
     if args.results or args.ray is not None:
         n = run.shards
@@ -263,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="runtime CPU threads (default: all cores)")
     s.add_argument("--budget", type=float, metavar="SECONDS",
                    help="per artifact: stop after this long and report the images done (slow runtimes, devices)")
+    s.add_argument("--decode-threads", type=int, default=1, metavar="N",
+                   help="threads decoding and preprocessing the next images while the artifact runs (default 1; "
+                        "0 decodes in between inferences). Same results either way")
     s.add_argument("--gate", nargs="?", const="default", metavar="FILE",
                    help="fail (exit 2) when an artifact misses its thresholds (default: the packaged gate file)")
     s.add_argument("--gate-other-weights", action="store_true",
