@@ -47,6 +47,7 @@ from executorch.exir.backend.partitioner import Partitioner, PartitionResult
 from torch.export import ExportedProgram
 
 from converters.backends.executorch_rewrite import RewriteCount, rewrite_for_xnnpack
+from converters.backends.fp16 import fp16_entry
 from converters.context import BuildContext, BuildResult
 from converters.quant_plan import QuantPlan
 from edge_convnext.errors import EdgeConvNextError
@@ -127,7 +128,7 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
     out.write_bytes(buffer)
     ctx.log(f"serialized {len(buffer) / 1e6:.1f} MB in {time.perf_counter() - t2:.1f} s")
 
-    result.lowering = _finish_report(lowering, plan, ln_rewrite, rewrite, other)
+    result.lowering = _finish_report(lowering, plan, ln_rewrite, rewrite, other) | {"fp16": fp16_entry(recipe, out)}
     result.embedded = {
         "manifest": f"constant method {MANIFEST_METHOD}() -> str (UTF-8 JSON)",
         "labels": f"constant method {LABELS_METHOD}() -> str (class names, one per line, line i = class i)",
