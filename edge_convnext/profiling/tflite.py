@@ -328,6 +328,9 @@ def profile_tflite(path: Path, threads: int | None, runs: int = 10, warmup: int 
     overhead_ms = 1000 * statistics.median(time_invokes(over, max(runs, 50), warmup, rng))
 
     timed: dict[str, tuple[float, bool]] = {}
+    # Whole-model runs between pieces, ``runs`` of them spread over the profile: the whole median then spans
+    # the same period (and machine load) as the pieces, without a slow model's runs dominating the time.
+    every = max(1, -(-len({p.key for p in pieces}) // runs))
     ops: list[OpTime] = []
     not_delegated: list[str] = []
     t0 = time.perf_counter()
@@ -342,8 +345,8 @@ def profile_tflite(path: Path, threads: int | None, runs: int = 10, warmup: int 
                 raise ArtifactError(f"{path}: op {p.index} ({p.op}, {p.detail}) does not run as a model of its "
                                     f"own ({first_line(e)}); the op slicer cannot profile this model") from e
             timed[p.key] = (max(0.0, raw - overhead_ms), delegated)
-            # One whole-model run between pieces: the whole median then spans the same period (and load).
-            whole_times += time_invokes(whole, 1, 0, rng)
+            if len(timed) % every == 0:
+                whole_times += time_invokes(whole, 1, 0, rng)
             echo(f"profile {path.name}: {n}/{len(pieces)} ops ({len(timed)} timed)")
         ms, delegated = timed[p.key]
         if not delegated:
