@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_convnext.errors import EdgeConvNextError, RuntimeUnavailable, first_line
+from edge_convnext.errors import EdgeConvNextError, MissingExtra, RuntimeUnavailable, first_line
 from edge_convnext.evaluate import find_artifacts
 from edge_convnext.manifest import manifest_path, read_manifest
 from edge_convnext.metrics import compare
@@ -108,7 +108,7 @@ def bench(paths: Sequence[Path], opts: BenchOptions, echo: Callable[[str], None]
             label = job.get("path") or job["peer"]
             echo(f"[{i}/{len(jobs)}] bench {Path(label).name}")
             rows.append(_run_worker({**common, **job}))
-            if opts.profile and job["kind"] == "artifact":
+            if opts.profile and job["kind"] == "artifact" and rows[-1].status == "ok":  # a failed row says why
                 echo(f"[{i}/{len(jobs)}] profile {Path(label).name}")
                 rows[-1].profile = _run_profile({**common, "kind": "profile", "path": job["path"]})
     return rows
@@ -163,7 +163,7 @@ def _profile_worker(job: dict[str, Any]) -> dict[str, Any]:
     path = Path(job["path"])
     try:
         prof = profile_artifact(path, job.get("threads"), runs=max(3, int(job["runs"])), warmup=max(1, int(job["warmup"])))
-    except RuntimeUnavailable as e:
+    except (RuntimeUnavailable, MissingExtra) as e:  # e.g. ExecuTorch not installed, or tflite-runtime only
         prof = Profile(str(path), "-", status=f"not profiled here: {first_line(e)}")
     return prof.to_dict()
 
