@@ -16,7 +16,7 @@ pytest.importorskip("ai_edge_litert")
 
 from converters.backends.fp16 import MEASURED_HERE, XNNPACK_FLAG_FORCE_FP16, fp16_entry  # noqa: E402
 from edge_convnext.profiling.tflite import invoke_overhead_model  # noqa: E402
-from edge_convnext.recipes import RECIPES, ArtifactFormat, get_recipe  # noqa: E402
+from edge_convnext.recipes import RECIPES, get_recipe  # noqa: E402
 
 
 def _with_metadata(tmp_path: Path, value: str | None) -> Path:

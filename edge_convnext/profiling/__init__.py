@@ -173,6 +173,6 @@ def render(p: Profile, top: int = 10, name: str | None = None) -> str:
     if layers:
         lines += ["", "| layer | ms | share | ops |", "|---|---|---|---|"]
         lines += [f"| {g.name} | {g.ms:.2f} | {100 * g.share:.1f}% | {g.count} |" for g in layers]
-    lines += ["", f"| slowest ops | ms | layer | tensors |", "|---|---|---|---|"]
+    lines += ["", "| slowest ops | ms | layer | tensors |", "|---|---|---|---|"]
     lines += [f"| {o.name} | {o.ms:.3f} | {o.layer or '-'} | {o.detail} |" for o in p.top(top)]
     return "\n".join(lines)

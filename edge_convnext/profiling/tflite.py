@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -307,8 +308,6 @@ def _delegated(interpreter: Any) -> bool:
 def profile_tflite(path: Path, threads: int | None, runs: int = 10, warmup: int = 2,
                    echo: Callable[[str], None] = lambda s: None) -> Profile:
     """Time every op of ``path`` as its own model (see the module doc) and the whole model, in this process."""
-    import os
-
     path = Path(path)
     threads = threads or os.cpu_count() or 1
     rng = np.random.default_rng(0)
