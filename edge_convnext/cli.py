@@ -84,7 +84,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     opts = EvalOptions(data=args.data, ground_truth=args.ground_truth, reference=args.reference, limit=args.limit,
                        threads=args.threads, verify=not args.no_verify, budget_s=args.budget, results=args.results,
-                       ray=args.ray, shard_images=args.shard_images, ray_cpus=args.ray_cpus)
+                       ray=args.ray, shard_images=args.shard_images, ray_cpus=args.ray_cpus,
+                       decode_threads=args.decode_threads)
     run = evaluate_paths(args.paths, opts)
     if args.results or args.ray is not None:
         n = run.shards
@@ -130,13 +131,15 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from edge_convnext.bench import BenchOptions, bench, plot, ratios, table
+    from edge_convnext.bench import BenchOptions, bench, plot, profiles, ratios, table
     from edge_convnext.fileio import write_json_atomic, write_text_atomic
 
     opts = BenchOptions(runs=args.runs, warmup=args.warmup, threads=args.threads, fidelity_images=args.fidelity_images,
-                        data=args.data, peers=args.peers, weights=args.weights)
+                        data=args.data, peers=args.peers, weights=args.weights, profile=args.profile)
     rows = bench(args.paths, opts, echo=lambda s: print(s, file=sys.stderr))
     text = table(rows, args.threads)
+    if args.profile:
+        text += "\n\n" + profiles(rows)
     print(text)
     if args.json:
         write_json_atomic(args.json, {"threads": args.threads, "runs": args.runs,
@@ -145,7 +148,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         write_text_atomic(args.markdown, text + "\n")
     if args.plot:
         plot(rows, args.plot, f"threads: {args.threads or 'runtime default'}, median of {args.runs} runs, each row in its own process")
-    return 1 if any(r.status.startswith("error") for r in rows) else 0
+    failed = [r for r in rows if r.status.startswith("error") or (r.profile or {}).get("status", "").startswith("error")]
+    return 1 if failed else 0
 
 
 def _cmd_app_eval(args: argparse.Namespace) -> int:
@@ -260,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="runtime CPU threads (default: all cores)")
     s.add_argument("--budget", type=float, metavar="SECONDS",
                    help="per artifact: stop after this long and report the images done (slow runtimes, devices)")
+    s.add_argument("--decode-threads", type=int, default=1, metavar="N",
+                   help="threads decoding and preprocessing the next images while the artifact runs (default 1; "
+                        "0 decodes in between inferences). Same results either way")
     s.add_argument("--gate", nargs="?", const="default", metavar="FILE",
                    help="fail (exit 2) when an artifact misses its thresholds (default: the packaged gate file)")
     s.add_argument("--gate-other-weights", action="store_true",
@@ -299,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--peers", action="store_true", help="also ONNX Runtime fp32 and PyTorch eager (the [bench] and "
                    "[convert] extras); ratios are then to ONNX Runtime fp32")
     s.add_argument("--weights", help="the peers' weights (default: the reference's recorded source; its sha256 must match)")
+    s.add_argument("--profile", action="store_true", help="also where the time goes, per op kind, layer and op: "
+                   ".tflite cut into one model per op (light install), .pte from ExecuTorch's ETDump; Core ML "
+                   "is not profiled (emulated here)")
     s.add_argument("--fidelity-images", type=int, default=32, metavar="N",
                    help="evaluation images for the fidelity columns (default 32)")
     s.add_argument("--data", type=Path, help=data_help)

@@ -47,6 +47,7 @@ from executorch.exir.backend.partitioner import Partitioner, PartitionResult
 from torch.export import ExportedProgram
 
 from converters.backends.executorch_rewrite import RewriteCount, rewrite_for_xnnpack
+from converters.backends.fp16 import fp16_entry
 from converters.context import BuildContext, BuildResult
 from converters.quant_plan import QuantPlan
 from edge_convnext.errors import EdgeConvNextError
@@ -129,7 +130,7 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
     ctx.log(f"serialized {len(buffer) / 1e6:.1f} MB in {time.perf_counter() - t2:.1f} s")
 
     result.lowering = _finish_report(lowering, plan, ln_rewrite, rewrite, other,
-                                     str(recipe.options.get("int8_scope", "all")))
+                                     str(recipe.options.get("int8_scope", "all"))) | {"fp16": fp16_entry(recipe, out)}
     result.embedded = {
         "manifest": f"constant method {MANIFEST_METHOD}() -> str (UTF-8 JSON)",
         "labels": f"constant method {LABELS_METHOD}() -> str (class names, one per line, line i = class i)",

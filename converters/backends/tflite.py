@@ -37,6 +37,7 @@ import torch
 
 from converters.backends import tflite_flatbuffer as fb
 from converters.backends import tflite_metadata as tmd
+from converters.backends.fp16 import fp16_entry
 from converters.backends.tflite_lowering import lowering_report
 from converters.context import BuildContext, BuildResult
 from converters.quant_plan import quantizable_layers
@@ -115,6 +116,7 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
         **lowering_report(out, threads=2),
         "example_check": check,
         "timings": timings,
+        "fp16": fp16_entry(ctx.recipe, out),
     }
     ctx.log(f"{out.stat().st_size / 1e6:.1f} MB, {result.lowering['xnnpack']['partitions']} XNNPACK partition(s), "
             f"example image max |logit - torch| = {check['max_abs_vs_torch']:.3g}")
