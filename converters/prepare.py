@@ -43,6 +43,7 @@ SCHEMES: dict[tuple[ArtifactFormat, str], tuple[Literal["static", "dynamic"], tu
     (ArtifactFormat.TFLITE, "int8"): ("static", ("classifier",)),
     (ArtifactFormat.TFLITE, "dynamic-int8"): ("dynamic", ()),
     (ArtifactFormat.EXECUTORCH, "int8"): ("static", ()),
+    (ArtifactFormat.EXECUTORCH, "dynamic-int8"): ("dynamic", ()),
     (ArtifactFormat.COREML, "w8a8"): ("static", ()),
 }
 
