@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -120,9 +120,13 @@ def qparams(lo: float, hi: float) -> tuple[float, int]:
 
 
 def fake_quant(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """``t`` quantized to asymmetric per-tensor int8 over [lo, hi] and dequantized (float32, same shape)."""
+    """``t`` quantized to asymmetric per-tensor int8 over [lo, hi] and dequantized (float32, same shape).
+
+    torch's fused kernel (one pass; rounds ties to even where TFLite rounds them away from zero, which
+    changes nothing measurable).
+    """
     scale, zp = qparams(lo, hi)
-    return (torch.clamp(torch.round(t / scale) + zp, QMIN, QMAX) - zp) * scale
+    return torch.fake_quantize_per_tensor_affine(t, scale, zp, QMIN, QMAX)
 
 
 def fake_quant_rows(t: torch.Tensor) -> torch.Tensor:
@@ -203,3 +207,27 @@ def simulate(model: nn.Module, scheme: Literal["static", "dynamic"], layers: Ite
     finally:
         for h in handles:
             h.remove()
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a recipe quantizes activations, as simulated here: ``kind`` ``"static"``, ``"dynamic"`` or
+    ``"weights"`` (weight-only: nothing to simulate); ``dynamic_layers`` are dynamic whatever the kind
+    (LiteRT's static recipes keep the classifier dynamic-range)."""
+
+    kind: Literal["static", "dynamic", "weights"]
+    dynamic_layers: tuple[str, ...] = ()
+
+
+def simulated(model: nn.Module, layers: Iterable[str], scheme: Scheme,
+              ranges: Mapping[Point, tuple[float, float]] | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable running ``model`` (weights as given) with ``layers``' activations fake-quantized by ``scheme``."""
+    if scheme.kind == "weights":
+        return model
+    layers = list(layers)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with simulate(model, scheme.kind, layers, ranges, dynamic_layers=scheme.dynamic_layers):  # type: ignore[arg-type]
+            return model(x)
+
+    return run

@@ -7,6 +7,7 @@ place and write ``<recipe>.json``. Once per run: ``labels.txt`` and ``reference.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import sys
@@ -21,11 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from converters import accuracy_target
+from converters.accuracy_target import AccuracyTarget
 from converters.backends import get_builder
 from converters.calibration import DEFAULT_CALIBRATION_IMAGES, CalibrationStream
 from converters.context import BuildContext, BuildResult
 from converters.model import export_model
 from converters.prepare import Preparation, PreparedModel
+from converters.quant_plan import QuantPlan
+from edge_convnext import bench
 from converters.reference import ensure_reference
 from converters.weights import LoadedWeights, load_weights
 from edge_convnext.dataset import SPLIT_RULE, ImageNetSubset, Sample, ids_sha256, image_directory, load_subset
@@ -35,7 +40,7 @@ from edge_convnext.info import package_versions
 from edge_convnext.labels import LABELS_FILE, write_labels
 from edge_convnext.labels import unique_labels
 from edge_convnext.manifest import Manifest, manifest_path, stamp, write_manifest
-from edge_convnext.metrics import compare
+from edge_convnext.metrics import Fidelity, compare
 from edge_convnext.preprocessing import Preprocessing, preprocess_file
 from edge_convnext.progress import fmt_seconds
 from edge_convnext.recipes import Recipe, get_recipe, select_recipes
@@ -63,6 +68,7 @@ class ConvertOptions:
     preprocessing: Preprocessing | None = None
     threads: int | None = None
     fail_fast: bool = False
+    target: AccuracyTarget | None = None  # --min-sqnr / --min-agreement: float layers until it is met
 
 
 @dataclass
@@ -108,7 +114,7 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
     calibration = CalibrationStream(calibration_samples, weights.preprocessing)
     model = export_model(weights.model, weights.preprocessing)
     preparation = Preparation(model, calibration, opts.calibration_images)
-    if any(preparation.makes_choices(r) for r in recipes):
+    if any(preparation.makes_choices(r) for r in recipes) or (opts.target and any(r.quantized for r in recipes)):
         preparation.held_out()  # split once, before any backend calibrates: held-out images set nothing
     example = torch.from_numpy(next(iter(calibration(1))))
     toolchain = package_versions()
@@ -120,7 +126,7 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
             preparation.log = lambda msg, name=recipe.name: echo(f"    {name}: {msg}")
             prepared = preparation.prepare(recipe)
             m = _build_one(recipe, builders[recipe.format], weights, subset, labels, reference, calibration,
-                           prepared, preparation.statistics_images, model, example, toolchain, opts, echo)
+                           prepared, preparation, model, example, toolchain, opts, echo)
             outcome = Outcome(recipe, True, time.perf_counter() - t0, manifest=m)
             echo(f"[{i}/{len(recipes)}] {recipe.name}: done in {fmt_seconds(outcome.seconds)}, "
                  f"{m.size_bytes / 1e6:.1f} MB, parity {_parity_text(m.parity)}")
@@ -145,7 +151,7 @@ def _build_one(
     reference: StoredReference,
     calibration: CalibrationStream,
     prepared: PreparedModel,
-    statistics_images: int,
+    preparation: Preparation,
     float_model: torch.nn.Module,
     example: torch.Tensor,
     toolchain: dict[str, str],
@@ -180,18 +186,25 @@ def _build_one(
             activation_ranges=prepared.activation_ranges,
             example_input=example,
             calibration_images=calibration,
-            calibration_count=min(opts.calibration_images, statistics_images),
+            calibration_count=min(opts.calibration_images, preparation.statistics_images),
             labels=labels,
             embedded_manifest=manifest.embedded_dict(),
             workdir=workdir,
             log=lambda msg: echo(f"    {recipe.name}: {msg}"),
         )
         with atomic_path(final) as tmp:
-            result = builder(ctx, tmp)
+            target_record = None
+            if opts.target is not None and recipe.quantized:
+                result, prepared, target_record = _build_to_target(recipe, builder, ctx, tmp, manifest, prepared,
+                                                                   preparation, opts)
+            else:
+                result = builder(ctx, tmp)
             manifest.input, manifest.output = result.input, result.output
             manifest.lowering, manifest.embedded, manifest.notes = result.lowering, result.embedded, result.notes
             # what happened before the backend: rewrites, float layers, smoothing, rounding, ranges
             manifest.lowering.update(prepared.lowering_records())
+            if target_record is not None:
+                manifest.lowering["accuracy_target"] = target_record
             if manifest.calibration is not None:
                 manifest.calibration["count"] = result.calibration_used
                 manifest.calibration["image_ids"] = list(calibration.used_ids[: result.calibration_used])
@@ -206,6 +219,49 @@ def _build_one(
         return manifest
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _build_to_target(recipe: Recipe, builder: Callable[[BuildContext, Path], BuildResult], ctx: BuildContext,
+                     out: Path, manifest: Manifest, prepared: PreparedModel, preparation: Preparation,
+                     opts: ConvertOptions) -> tuple[BuildResult, PreparedModel, dict[str, Any]]:
+    """Build ``recipe`` to ``opts.target`` (`converters.accuracy_target`): candidates are built beside the
+    work directory, measured with the host's runner on the held-out calibration images, and the chosen one
+    moves to ``out``. Returns its backend result, the prepared model it came from, and the manifest record."""
+    assert opts.target is not None
+    scheme = accuracy_target.check_supported(recipe.name, preparation.scheme(recipe))
+    data = preparation.held_out()
+    x = np.concatenate(data.held)
+    candidates = Path(tempfile.mkdtemp(prefix=f"edge-convnext-{recipe.name}-target-"))
+    built: list[tuple[Path, BuildResult, Manifest]] = []
+
+    def build_and_measure(plan: QuantPlan, model: torch.nn.Module) -> tuple[Path, Fidelity]:
+        path = candidates / f"candidate-{len(built)}{recipe.format.ext}"
+        work = candidates / f"work-{len(built)}"
+        result = builder(dataclasses.replace(ctx, model=model, plan=plan, workdir=work), path)
+        m = dataclasses.replace(manifest, input=result.input, output=result.output)
+        stamp(path, m)
+        write_manifest(manifest_path(path), m)
+        built.append((path, result, m))
+        return path, compare(data.reference, open_runner(path, m, threads=opts.threads).run(x))
+
+    try:
+        plan, model, path, record = accuracy_target.search(
+            opts.target, prepared.plan, prepared.float_model, prepared.model, scheme,
+            preparation.simulation_ranges(prepared, scheme), data, build_and_measure, ctx.log)
+        first, chosen = built[0], next(b for b in built if b[0] == path)
+        before_ms = bench.latency_ms(first[0], opts.threads) if chosen is not first else None
+        after_ms = bench.latency_ms(chosen[0], opts.threads) if chosen is not first else None
+        record["cost"] = {
+            "bytes": chosen[2].size_bytes - first[2].size_bytes,
+            "latency_ms": {"without": before_ms, "with": after_ms,
+                           "how": "median batch-1 latency, each artifact in a fresh process on this build host "
+                                  "(a loaded build machine: compare with edge-convnext bench)"}
+            if chosen is not first else None,
+        }
+        shutil.move(str(path), str(out))
+    finally:
+        shutil.rmtree(candidates, ignore_errors=True)
+    return chosen[1], dataclasses.replace(prepared, plan=plan, model=model), record
 
 
 def _parity(artifact: Path, final: Path, m: Manifest, reference: StoredReference, subset: ImageNetSubset,

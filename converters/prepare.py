@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from converters import rewrites
-from converters.act_quant import ESTIMATORS, Observation, Point, observe, simulate, static_points
+from converters.act_quant import ESTIMATORS, Observation, Point, Scheme, observe, simulated, static_points
 from converters.calibrate import Choice, HeldOut, choose
 from converters.calibration import CalibrationStream
 from converters.quant_plan import QuantPlan
@@ -39,13 +39,18 @@ from edge_convnext.recipes import ArtifactFormat, Recipe
 # The activation scheme each quantized (format, precision) runs, as the torch simulation models it:
 # (scheme, layers quantized dynamically whatever the scheme). LiteRT's static recipes make the
 # classifier dynamic-range (`converters.backends.tflite`); ExecuTorch's and Core ML's quantize it statically.
-SCHEMES: dict[tuple[ArtifactFormat, str], tuple[Literal["static", "dynamic"], tuple[str, ...]]] = {
-    (ArtifactFormat.TFLITE, "int8"): ("static", ("classifier",)),
-    (ArtifactFormat.TFLITE, "dynamic-int8"): ("dynamic", ()),
-    (ArtifactFormat.EXECUTORCH, "int8"): ("static", ()),
-    (ArtifactFormat.EXECUTORCH, "dynamic-int8"): ("dynamic", ()),
-    (ArtifactFormat.COREML, "w8a8"): ("static", ()),
+SCHEMES: dict[tuple[ArtifactFormat, str], Scheme] = {
+    (ArtifactFormat.TFLITE, "int8"): Scheme("static", ("classifier",)),
+    (ArtifactFormat.TFLITE, "dynamic-int8"): Scheme("dynamic"),
+    (ArtifactFormat.EXECUTORCH, "int8"): Scheme("static"),
+    (ArtifactFormat.EXECUTORCH, "dynamic-int8"): Scheme("dynamic"),
+    (ArtifactFormat.COREML, "w8a8"): Scheme("static"),
 }
+
+
+# Precisions whose activations are float (or int16, whose error the weights dominate): simulated by the
+# rounded weights alone.
+WEIGHT_ONLY = ("w8", "w8a16")
 
 
 @dataclass
@@ -56,6 +61,7 @@ class PreparedModel:
     model: torch.nn.Module
     rewrites: dict[str, int]
     plan: QuantPlan
+    float_model: torch.nn.Module | None = None  # ``model`` before weight rounding (after rewrites, migration)
     weight_rounding: dict[str, Any] | None = None
     smoothing: dict[str, Any] | None = None
     activation_ranges: dict[Point, tuple[float, float]] | None = None
@@ -114,6 +120,19 @@ class Preparation:
     # -- the pipeline ----------------------------------------------------------------------------
 
     @staticmethod
+    def scheme(recipe: Recipe) -> Scheme | None:
+        """How ``recipe`` quantizes, as the torch simulation models it; None when it is not modelled (LiteRT's
+        ``all`` scope quantizes LayerNorm and GELU too; Core ML palettizes inside the converted program)."""
+        if recipe.options.get("int8_scope") == "all" and recipe.format is ArtifactFormat.TFLITE:
+            return None
+        found = SCHEMES.get((recipe.format, recipe.precision))
+        if found is not None:
+            return found
+        if recipe.options.get("weight_rounding") is not None and recipe.precision in WEIGHT_ONLY:
+            return Scheme("weights")
+        return None
+
+    @staticmethod
     def makes_choices(recipe: Recipe) -> bool:
         """Whether ``recipe`` chooses anything on held-out calibration images."""
         return bool(recipe.options.get("smoothing") or recipe.options.get("activation_ranges"))
@@ -126,7 +145,7 @@ class Preparation:
         plan = QuantPlan.for_model(model, recipe.options.get("float_layers", ()))
         prepared = PreparedModel(model, counts, plan)
 
-        scheme = SCHEMES.get((recipe.format, recipe.precision))
+        scheme = self.scheme(recipe)
         alphas = tuple(recipe.options.get("smoothing", {}).get("alphas", ()))
         if alphas:
             if scheme is None:
@@ -134,6 +153,7 @@ class Preparation:
                                         f"{recipe.format.key} {recipe.precision} has none")
             prepared.model, prepared.smoothing = self._smooth(model, passes, plan, scheme, alphas)
 
+        prepared.float_model = prepared.model
         rounding = recipe.options.get("weight_rounding")
         if rounding is not None:
             cfg = WeightQuantConfig(**{**dict(rounding), "skip": tuple(rounding.get("skip", ())) + plan.float_layers})
@@ -148,7 +168,7 @@ class Preparation:
 
         estimators = tuple(recipe.options.get("activation_ranges", {}).get("estimators", ()))
         if estimators:
-            if scheme is None or scheme[0] != "static":
+            if scheme is None or scheme.kind != "static":
                 raise EdgeConvNextError(f"{recipe.name}: activation range estimators apply to static schemes only")
             key = (passes, _alpha(prepared.smoothing), rounding and WeightQuantConfig(**dict(rounding)),
                    plan.float_layers, scheme, estimators)
@@ -157,17 +177,28 @@ class Preparation:
             prepared.activation_ranges, prepared.ranges_choice = self._ranges[key]
         return prepared
 
+    def simulation_ranges(self, prepared: PreparedModel, scheme: Scheme) -> dict[Point, tuple[float, float]] | None:
+        """The static ranges the artifact uses: the recipe's chosen ones, else min/max on the statistics
+        images (what the backends' calibrators compute); None for other schemes."""
+        if scheme.kind != "static":
+            return None
+        if prepared.activation_ranges is not None:
+            return prepared.activation_ranges
+        static = [n for n in prepared.plan.quantized if n not in scheme.dynamic_layers]
+        obs = observe(prepared.model, static_points(static), self.held_out().fit)
+        return _ranges(obs, ESTIMATORS["minmax"])
+
     # -- steps -----------------------------------------------------------------------------------
 
     def _smooth(self, model: torch.nn.Module, passes: tuple[str, ...], plan: QuantPlan,
-                scheme: tuple[str, tuple[str, ...]], alphas: tuple[float, ...]) -> tuple[torch.nn.Module, dict[str, Any]]:
+                scheme: Scheme, alphas: tuple[float, ...]) -> tuple[torch.nn.Module, dict[str, Any]]:
         key = (passes, plan.float_layers, scheme, alphas)
         if key in self._smoothed:
             return self._smoothed[key]
         data = self.held_out()
         pairs = norm_pairs(model)
         amax = activation_absmax(model, pairs, data.fit)
-        self.log(f"choosing the LayerNorm migration strength among {list(alphas)} ({scheme[0]} activations simulated, "
+        self.log(f"choosing the LayerNorm migration strength among {list(alphas)} ({scheme.kind} activations simulated, "
                  "min/max-rounded weights)")
         models = {a: smooth(model, amax, a, pairs, skip=plan.float_layers) for a in alphas}
         quick = WeightQuantConfig(method="minmax", bias_correction=False, skip=plan.float_layers)
@@ -181,19 +212,19 @@ class Preparation:
         choice = choose({_alpha_name(a): candidate(a) for a in alphas}, data, self.log)
         alpha = next(a for a in alphas if _alpha_name(a) == choice.chosen)
         smoothed, changed = models[alpha]
-        record = {"alpha": alpha, "pairs_migrated": changed, "measured_with": f"{scheme[0]} activations simulated, "
+        record = {"alpha": alpha, "pairs_migrated": changed, "measured_with": f"{scheme.kind} activations simulated, "
                   "min/max-rounded weights", **choice.to_dict(), **data.to_dict()}
         self.log(f"LayerNorm migration strength {alpha} ({changed} LayerNorm/layer pairs)")
         self._smoothed[key] = (smoothed, record)
         return self._smoothed[key]
 
-    def _choose_ranges(self, model: torch.nn.Module, plan: QuantPlan, scheme: tuple[str, tuple[str, ...]],
+    def _choose_ranges(self, model: torch.nn.Module, plan: QuantPlan, scheme: Scheme,
                        names: tuple[str, ...]) -> tuple[dict[Point, tuple[float, float]], dict[str, Any]]:
         data = self.held_out()
         unknown = [n for n in names if n not in ESTIMATORS]
         if unknown:
             raise EdgeConvNextError(f"unknown activation range estimator(s) {unknown}; known: {list(ESTIMATORS)}")
-        static = [n for n in plan.quantized if n not in scheme[1]]
+        static = [n for n in plan.quantized if n not in scheme.dynamic_layers]
         self.log(f"observing {2 * len(static)} activation points on {len(data.fit)} calibration images")
         obs = observe(model, static_points(static), data.fit)
         ranges = {n: _ranges(obs, ESTIMATORS[n]) for n in names}
@@ -208,21 +239,15 @@ def _ranges(obs: dict[Point, Observation], estimator: Any) -> dict[Point, tuple[
     return {p: estimator.range(o) for p, o in obs.items()}
 
 
-def _simulated(model: torch.nn.Module, plan: QuantPlan, scheme: tuple[str, tuple[str, ...]], data: HeldOut,
+def _simulated(model: torch.nn.Module, plan: QuantPlan, scheme: Scheme, data: HeldOut,
                ranges: dict[Point, tuple[float, float]] | None = None,
                observe_on: list[Any] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``model`` with ``scheme``'s activations fake-quantized while called. A static scheme given no
     ranges takes min/max ranges observed on ``observe_on`` (statistics images, never held-out ones)."""
-    kind, dynamic = scheme
-    if kind == "static" and ranges is None:
-        static = [n for n in plan.quantized if n not in dynamic]
+    if scheme.kind == "static" and ranges is None:
+        static = [n for n in plan.quantized if n not in scheme.dynamic_layers]
         ranges = _ranges(observe(model, static_points(static), observe_on or data.fit), ESTIMATORS["minmax"])
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with simulate(model, kind, plan.quantized, ranges, dynamic_layers=dynamic):  # type: ignore[arg-type]
-            return model(x)
-
-    return run
+    return simulated(model, plan.quantized, scheme, ranges)
 
 
 def _alpha(smoothing: dict[str, Any] | None) -> float | None:

@@ -288,10 +288,36 @@ def profiles(rows: Sequence[BenchRow], top: int = 10) -> str:
     return "\n\n".join(parts)
 
 
+def latency_ms(path: Path, threads: int | None, runs: int = 20, warmup: int = 3) -> float | None:
+    """Median batch-1 latency (ms) of one artifact (its manifest beside it), measured in a fresh process on a
+    constant mid-grey image: for build-time comparisons (e.g. what an accuracy target's float layers
+    cost); None when it cannot run here."""
+    result, _ = _run_process({"kind": "latency", "path": str(path), "threads": threads, "runs": runs, "warmup": warmup})
+    return None if result is None else result.get("median_ms")
+
+
+def _latency_worker(job: dict[str, Any]) -> dict[str, Any]:
+    from edge_convnext.runners import open_runner
+
+    path = Path(job["path"])
+    try:
+        runner = open_runner(path, read_manifest(manifest_path(path)), threads=job.get("threads"))
+    except RuntimeUnavailable as e:
+        return {"median_ms": None, "status": f"not runnable here: {first_line(e)}"}
+    x = np.full((1, 3, 224, 224), 0.5, dtype=np.float32)
+    times = time_calls(lambda: runner.run(x), int(job["runs"]), int(job["warmup"]))
+    return {"median_ms": round(1000 * statistics.median(times), 2)}
+
+
+_WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "profile": _profile_worker,
+    "latency": _latency_worker,
+}
+
 if __name__ == "__main__":  # the worker: one job as JSON on the command line, one JSON line out
     try:
         job = json.loads(sys.argv[1])
-        out = _profile_worker(job) if job["kind"] == "profile" else _worker(job).to_dict()
+        out = _WORKERS[job["kind"]](job) if job["kind"] in _WORKERS else _worker(job).to_dict()
     except EdgeConvNextError as e:
         print(f"edge-convnext bench: {e}", file=sys.stderr)
         sys.exit(1)

@@ -51,10 +51,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from edge_convnext.preprocessing import Preprocessing
 
     pre = Preprocessing.from_hf_config_file(args.preprocessor_config) if args.preprocessor_config else None
+    target = None
+    if args.min_sqnr is not None or args.min_agreement is not None:
+        from converters.accuracy_target import AccuracyTarget
+
+        target = AccuracyTarget(args.min_sqnr, args.min_agreement)
     opts = ConvertOptions(
         weights=args.weights, recipes=args.recipes, out=args.out, data=args.data,
         calibration_images=args.calibration_images, calibration=args.calibration, parity_images=args.parity_images,
         reference_images=args.reference_images, preprocessing=pre, threads=args.threads, fail_fast=args.fail_fast,
+        target=target,
     )
     report = convert(opts)
     from edge_convnext.report import convert_summary
@@ -240,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an HF preprocessor_config.json overriding the weights' preprocessing")
     s.add_argument("--threads", type=int, help="CPU threads for torch and the runtimes")
     s.add_argument("--fail-fast", action="store_true", help="stop at the first failing recipe")
+    s.add_argument("--min-sqnr", type=float, metavar="DB",
+                   help="accuracy target for quantized recipes: keep the fewest, most sensitive layers float until the "
+                        "artifact reaches this SQNR on held-out calibration images")
+    s.add_argument("--min-agreement", type=float, metavar="FRACTION",
+                   help="accuracy target: top-1 agreement with the float model on held-out calibration images (0-1)")
     s.set_defaults(func=_cmd_convert)
 
     s = sub.add_parser("reference", help="compute and store the float reference logits of the evaluation split")
