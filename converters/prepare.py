@@ -138,14 +138,20 @@ class Preparation:
         return bool(recipe.options.get("smoothing") or recipe.options.get("activation_ranges"))
 
     def prepare(self, recipe: Recipe) -> PreparedModel:
-        passes = tuple(recipe.options.get("rewrites", ()))
+        # Layout rewrites (`rewrites.LAYOUT_PASSES`) change no weight and no layer name: they run last, so
+        # recipes that differ only in layout share every choice and the weight rounding.
+        requested = tuple(recipe.options.get("rewrites", ()))
+        passes = tuple(p for p in requested if p not in rewrites.LAYOUT_PASSES)
+        layout = tuple(p for p in requested if p in rewrites.LAYOUT_PASSES)
         if passes not in self._rewritten:
             self._rewritten[passes] = rewrites.apply(self.model, passes)
         model, counts = self._rewritten[passes]
         plan = QuantPlan.for_model(model, recipe.options.get("float_layers", ()))
-        prepared = PreparedModel(model, counts, plan)
+        prepared = PreparedModel(model, dict(counts), plan)
 
         scheme = self.scheme(recipe)
+        if scheme is not None:  # dynamic layers that are float do not change the simulation: one cache key
+            scheme = Scheme(scheme.kind, tuple(n for n in scheme.dynamic_layers if n in plan.quantized))
         alphas = tuple(recipe.options.get("smoothing", {}).get("alphas", ()))
         if alphas:
             if scheme is None:
@@ -175,6 +181,11 @@ class Preparation:
             if key not in self._ranges:
                 self._ranges[key] = self._choose_ranges(prepared.model, plan, scheme, estimators)
             prepared.activation_ranges, prepared.ranges_choice = self._ranges[key]
+
+        if layout:
+            prepared.model, done = rewrites.apply(prepared.model, layout)
+            prepared.float_model = rewrites.apply(prepared.float_model, layout)[0]
+            prepared.rewrites.update(done)
         return prepared
 
     def simulation_ranges(self, prepared: PreparedModel, scheme: Scheme) -> dict[Point, tuple[float, float]] | None:

@@ -174,6 +174,9 @@ def channels_first(model: nn.Module) -> tuple[nn.Module, int]:
     return model, n + 1
 
 
+# Passes that only change how the graph lays tensors out: no weight value and no layer name changes.
+LAYOUT_PASSES = frozenset({"channels_first"})
+
 PASSES: dict[str, Callable[[nn.Module], tuple[nn.Module, int]]] = {
     "fold_layer_scale": fold_layer_scale,
     "split_depthwise": split_depthwise,
