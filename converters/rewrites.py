@@ -81,14 +81,16 @@ class ChannelLayerNorm(nn.Module):
         super().__init__()
         (c,) = norm.normalized_shape
         self.eps = float(norm.eps)
-        self.weight = nn.Parameter(norm.weight.detach().clone())
-        self.bias = nn.Parameter(norm.bias.detach().clone())
+        # Stored as [1, C, 1, 1]: indexing a [C] parameter in forward leaves unsqueeze ops that the
+        # static-int8 export keeps outside the XNNPACK partition (18 of them in the tiny model).
+        self.weight = nn.Parameter(norm.weight.detach().clone().reshape(1, c, 1, 1))
+        self.bias = nn.Parameter(norm.bias.detach().clone().reshape(1, c, 1, 1))
         self.register_buffer("mean_kernel", torch.full((1, c, 1, 1), 1.0 / c), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x - F.conv2d(x, self.mean_kernel)
         var = F.conv2d(d * d, self.mean_kernel)
-        return d * torch.rsqrt(var + self.eps) * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return d * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
 class ChannelsFirstBlock(nn.Module):

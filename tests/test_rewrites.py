@@ -24,13 +24,16 @@ def model_and_images(tiny_weights, subset):
     return model, torch.from_numpy(x)
 
 
-@pytest.mark.parametrize("names", [["fold_layer_scale"], ["split_depthwise"], ["fold_layer_scale", "split_depthwise"]])
+@pytest.mark.parametrize("names", [["fold_layer_scale"], ["split_depthwise"], ["channels_first"],
+                                   ["fold_layer_scale", "split_depthwise", "channels_first"],
+                                   ["channels_first", "fold_layer_scale", "split_depthwise"]])
 def test_rewrites_are_float_equal(model_and_images, names):
     model, x = model_and_images
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rewritten, counts = rewrites.apply(model, names)
     blocks = sum(len(stage.layers) for stage in model.stages)
-    assert counts == dict.fromkeys(names, blocks)  # every block rewritten
+    norms = blocks + 1 + sum(len(stage.downsampling_layer) == 2 for stage in model.stages)  # + stem, downsampling
+    assert counts == {n: norms if n == "channels_first" else blocks for n in names}  # every block rewritten
     with torch.no_grad():
         ref, got = model(x), rewritten(x)
     assert ref.std() > 1.0  # spread logits: the bound below means something
@@ -60,6 +63,21 @@ def test_split_depthwise_equals_the_original_kernel(k):
     x = torch.randn(2, 12, 15, 9)  # non-square, smaller than the kernel's reach at the borders
     with torch.no_grad():
         assert (rewrites.SplitDepthwise(conv)(x) - conv(x)).abs().max().item() <= 1e-5
+
+
+def test_channels_first_keeps_every_layer_name_and_weight(model_and_images):
+    """A layout pass: the quantizable layers keep their names and weights (1x1 convs hold the linears' weights)."""
+    from converters.quant_plan import quantizable_layers
+
+    model, _ = model_and_images
+    rewritten, _ = rewrites.apply(model, ["channels_first"])
+    before, after = dict(quantizable_layers(model)), dict(quantizable_layers(rewritten))
+    assert list(before) == list(after)
+    for name, m in before.items():
+        assert torch.equal(m.weight.reshape(after[name].weight.shape), after[name].weight), name
+    blocks = [layer for stage in rewritten.stages for layer in stage.layers]
+    assert all(isinstance(b.pwconv1, torch.nn.Conv2d) and b.pwconv1.kernel_size == (1, 1) for b in blocks)
+    assert "channels_first" in rewrites.LAYOUT_PASSES
 
 
 def test_the_split_refuses_what_it_cannot_rewrite_exactly():

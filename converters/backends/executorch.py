@@ -211,6 +211,11 @@ def _quantize_int8(gm: torch.fx.GraphModule, ctx: BuildContext, dynamic: bool) -
     quantizer.set_filter_function(_annotation_filter(ctx.plan, str(ctx.recipe.options.get("int8_scope", "all"))))
     prepared = prepare_pt2e(gm, quantizer)
     if dynamic:
+        # The weight observers still have to see the weights once (activation ranges are taken at run
+        # time); without this pass every per-channel weight scale is the observer default of size 1.
+        example = [torch.zeros(n.meta["val"].shape) for n in prepared.graph.nodes if n.op == "placeholder"]
+        with torch.no_grad():
+            prepared(*example)
         return convert_pt2e(prepared), 0
     ctx.log(f"calibrating on up to {ctx.calibration_count} calibration-split images")
     used = 0
@@ -247,6 +252,10 @@ def _annotation_filter(plan: QuantPlan | None, scope: str) -> Callable[[torch.fx
     def keep(node: torch.fx.Node) -> bool:
         stack = node.meta.get("nn_module_stack") or {}
         name = list(stack.values())[-1][0] if stack else ""
+        if node.op != "call_function":
+            # The annotators ask about every node of a pattern, its weight and bias attributes too;
+            # those follow the layer's own answer.
+            return True
         if node.target in _LAYER_TARGETS:
             return quantized is None or name in quantized
         return scope == "all" and name not in floats and name not in all_float
