@@ -444,7 +444,7 @@ def plot(report: LayerReport, path: Path) -> None:
         d.line([L, y, W - R, y], fill=(232, 232, 232))
         d.text((L - 40, y - 8), f"{tick}", fill="black", font=small)
     d.text((10, T - 26), "SQNR dB", fill="black", font=font)
-    stage = None
+    stage, free_x = None, 0.0
     for r in rows:  # stage boundaries and names under the axis
         s = r.name.split(".")[1] if r.name.startswith("stages.") else ("stem" if r.name.startswith("embeddings") else "head")
         if s != stage:
@@ -452,7 +452,9 @@ def plot(report: LayerReport, path: Path) -> None:
             d.line([x, T, x, H - B], fill=(200, 200, 200))
             label = f"stage {s}" if s.isdigit() else s
             width = d.textlength(label, font=small)
-            d.text((min(x + 3, W - R - width), H - B + 6), label, fill=(60, 60, 60), font=small)
+            lx = min(max(x + 3, free_x), W - R - width)
+            d.text((lx, H - B + 6 + (14 if lx > x + 40 else 0)), label, fill=(60, 60, 60), font=small)
+            free_x = lx + width + 6
             stage = s
     for r in rows:  # float layers: a grey tick under the plot
         if not r.quantized:
