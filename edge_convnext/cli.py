@@ -173,6 +173,38 @@ def _cmd_app_eval(args: argparse.Namespace) -> int:
     return 1 if any(r.error for r in run.results) else 0
 
 
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from edge_convnext.fileio import write_json_atomic, write_text_atomic
+    from edge_convnext.manifest import manifest_path, read_manifest
+    from edge_convnext.recipes import FLOAT_PRECISIONS
+
+    m = read_manifest(manifest_path(args.artifact))
+    if m.precision in FLOAT_PRECISIONS:  # answered without the build stack
+        text = f"{args.artifact}: {m.recipe} is a float recipe ({m.precision}); nothing in it is quantized"
+        print(text)
+        if args.json:
+            write_json_atomic(args.json, {"schema": "edge-convnext/layers/v1", "artifact": str(args.artifact),
+                                          "recipe": m.recipe, "precision": m.precision, "layers": [], "note": text})
+        return 0
+    try:
+        from converters.layer_report import layer_report, plot
+    except ImportError as e:
+        from edge_convnext.errors import MissingExtra
+
+        raise MissingExtra(e.name or "torch", "convert", "`edge-convnext layers` (it rebuilds the float model from "
+                           "the manifest's weights with torch)") from e
+    report = layer_report(args.artifact, images=args.images, data=args.data, threads=args.threads,
+                          verify=not args.no_verify, echo=lambda s: print(s, file=sys.stderr))
+    print(report.text(all_layers=args.all_layers))
+    if args.json:
+        write_json_atomic(args.json, report.to_dict())
+    if args.markdown:
+        write_text_atomic(args.markdown, report.markdown())
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
     from edge_convnext.runners.executorch_coreml import extract
 
@@ -344,6 +376,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", type=Path, help="take the preprocessing from this artifact manifest")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_roi)
+
+    s = sub.add_parser("layers", help="per-layer quantization error of an artifact against the float model: each "
+                       "conv/linear layer's output SQNR, and the end-to-end SQNR with that layer alone quantized")
+    s.add_argument("artifact", type=Path, metavar="ARTIFACT")
+    s.add_argument("--images", type=int, default=8, metavar="N", help="calibration images to measure on (default 8; "
+                   "never evaluation images)")
+    s.add_argument("--data", type=Path, help=data_help)
+    s.add_argument("--threads", type=int, help="CPU threads for torch and the runtime")
+    s.add_argument("--all-layers", action="store_true", help="list the float layers in the table too")
+    s.add_argument("--json", type=Path, metavar="FILE")
+    s.add_argument("--markdown", type=Path, metavar="FILE")
+    s.add_argument("--plot", type=Path, metavar="FILE", help="PNG: both SQNRs along the network's depth")
+    s.add_argument("--no-verify", action="store_true", help="run an artifact whose sha256 does not match its manifest")
+    s.set_defaults(func=_cmd_layers)
 
     s = sub.add_parser("extract", help="write the .mlpackage inside a Core ML-delegated .pte (to open it in Xcode)")
     s.add_argument("artifact", type=Path, metavar="ARTIFACT.pte")
