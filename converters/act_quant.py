@@ -129,13 +129,16 @@ def fake_quant(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return torch.fake_quantize_per_tensor_affine(t, scale, zp, QMIN, QMAX)
 
 
-def fake_quant_rows(t: torch.Tensor) -> torch.Tensor:
-    """Per-row (last dim) asymmetric int8 of ``t``, ranges from each row itself: dynamic-range quantization."""
-    lo = t.amin(-1, keepdim=True).clamp(max=0.0)
-    hi = t.amax(-1, keepdim=True).clamp(min=0.0)
+def fake_quant_rows(t: torch.Tensor, dims: int = 1) -> torch.Tensor:
+    """Dynamic-range int8 of ``t``: asymmetric, one range per row over the last ``dims`` dims, each
+    row's own [min, max] widened to include 0 (LiteRT's and XNNPACK's qd8 run-time quantization)."""
+    shape = t.shape
+    rows = t.reshape(*shape[: t.dim() - dims], -1)
+    lo = rows.amin(-1, keepdim=True).clamp(max=0.0)
+    hi = rows.amax(-1, keepdim=True).clamp(min=0.0)
     scale = (hi - lo).clamp_min(1e-12) / (QMAX - QMIN)
     zp = torch.clamp(torch.round(QMIN - lo / scale), QMIN, QMAX)
-    return (torch.clamp(torch.round(t / scale) + zp, QMIN, QMAX) - zp) * scale
+    return ((torch.clamp(torch.round(rows / scale) + zp, QMIN, QMAX) - zp) * scale).reshape(shape)
 
 
 def _dynamic(t: torch.Tensor, layer: nn.Module) -> torch.Tensor:

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from converters.quant_plan import quantizable_layers
-from converters.xnnpack_payload import ActQuant, XnnpackProgram, fake_quant_rows
+from converters.act_quant import fake_quant_rows
+from converters.xnnpack_payload import ActQuant, XnnpackProgram
 from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS
 from edge_convnext.errors import ArtifactError
 from edge_convnext.manifest import Manifest
@@ -213,6 +214,17 @@ class TFLiteLayers:
         data = None if raw is None else np.frombuffer(raw.tobytes(), dtype=_NP[kind]).reshape(list(x.shape))
         return kind, data, x.quantization
 
+    def _weight_tensor(self, t: int) -> int:
+        """The constant behind a layer's weight input: itself, or the float16 (or int8) constant a
+        DEQUANTIZE op expands at run time (float layers stored as float16 weights)."""
+        if self.slicer._buffer_bytes(t) is not None:
+            return t
+        g = self.slicer.graph
+        for i, op in enumerate(g.operators):
+            if t in op.outputs and self.slicer.op_names[i] == "DEQUANTIZE":
+                return op.inputs[0]
+        return t
+
     def _act(self, t: int, dynamic_dims: int) -> ActQuant | DynamicQuant | None:
         kind, _, q = self._tensor(t)
         if kind in _INT_RANGE and q is not None and q.scale is not None and len(q.scale):
@@ -223,7 +235,7 @@ class TFLiteLayers:
     def _stored(self, name: str, k: int, module: nn.Module) -> StoredLayer:
         op = self.slicer.graph.operators[k]
         kind = self.slicer.op_names[k]
-        wkind, w, wq = self._tensor(op.inputs[1])
+        wkind, w, wq = self._tensor(self._weight_tensor(op.inputs[1]))
         where = f"op {k} {kind}"
         if w is None:
             raise ArtifactError(f"{self.artifact}: {where} ({name}) has no constant weights")

@@ -78,7 +78,9 @@ def rebuild_float_model(manifest: Manifest, samples: Sequence[Sample], source: s
     low = manifest.lowering
     model = export_model(loaded.model, pre)
     passes = list(low.get("rewrites") or {})
-    model, counts = rewrites.apply(model, passes)
+    # As `converters.prepare` does: layout passes (same weights, same layer names) run after the migration.
+    layout = [p for p in passes if p in rewrites.LAYOUT_PASSES]
+    model, counts = rewrites.apply(model, [p for p in passes if p not in rewrites.LAYOUT_PASSES])
     floats = [f["name"] for f in (low.get("float_layers") or {}).get("float_layers", [])]
     plan = QuantPlan(tuple(n for n, _ in quantizable_layers(model)), tuple(floats),
                      {f["name"]: f.get("reason", "recipe") for f in (low.get("float_layers") or {}).get("float_layers", [])})
@@ -100,6 +102,8 @@ def rebuild_float_model(manifest: Manifest, samples: Sequence[Sample], source: s
                                 f"recorded {sm['pairs_migrated']}")
         record["smoothing"] = {"alpha": float(sm["alpha"]), "pairs": changed, "fit_images": len(images),
                                "how": "channel maxima recomputed on the recorded fit_ids, recorded strength"}
+    if layout:
+        model = rewrites.apply(model, layout)[0]
     return FloatModel(model.eval(), plan, record)
 
 

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from converters.act_quant import fake_quant_rows
 from edge_convnext.errors import ArtifactError, EdgeConvNextError, first_line
 
 XNNPACK_BACKEND = "XnnpackBackend"
@@ -95,17 +96,6 @@ class ActQuant:
 
     def to_dict(self) -> dict[str, float]:
         return {"scale": float(self.scale), "zero_point": int(self.zero_point), "qmin": self.qmin, "qmax": self.qmax}
-
-
-def fake_quant_rows(t: torch.Tensor, dims: int) -> torch.Tensor:
-    """Dynamic per-row asymmetric int8 over the last ``dims`` dims: each row's own [min, max] (widened to 0)."""
-    shape = t.shape
-    rows = t.reshape(*shape[: t.dim() - dims], -1)
-    lo = rows.amin(-1, keepdim=True).clamp(max=0.0)
-    hi = rows.amax(-1, keepdim=True).clamp(min=0.0)
-    scale = (hi - lo).clamp_min(1e-12) / 255.0
-    zp = torch.clamp(torch.round(-128 - lo / scale), -128, 127)
-    return ((torch.clamp(torch.round(rows / scale) + zp, -128, 127) - zp) * scale).reshape(shape)
 
 
 @dataclass
