@@ -167,7 +167,9 @@ class Preparation:
             if key not in self._rounded:
                 self.log(f"int8 weight rounding ({cfg.method}, bias correction {cfg.bias_correction}) on "
                          f"{cfg.images} calibration images")
-                q, rep = prepare_weights(prepared.model, self.calibration(cfg.images), cfg, self.log)
+                # Never on held-out images: at most the statistics images once the run is split.
+                n = cfg.images if self._held_out is None else min(cfg.images, len(self._held_out.fit))
+                q, rep = prepare_weights(prepared.model, self.calibration(n), cfg, self.log)
                 rep.image_ids = list(self.calibration.used_ids)  # calibration images, never evaluation ones
                 self._rounded[key] = (q, rep.to_dict())
             prepared.model, prepared.weight_rounding = self._rounded[key]
