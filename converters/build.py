@@ -7,6 +7,7 @@ place and write ``<recipe>.json``. Once per run: ``labels.txt`` and ``reference.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import sys
@@ -21,12 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from converters import accuracy_target
+from converters.accuracy_target import AccuracyTarget
 from converters.backends import get_builder
 from converters.calibration import DEFAULT_CALIBRATION_IMAGES, CalibrationStream
 from converters.context import BuildContext, BuildResult
-from converters import rewrites
 from converters.model import export_model
-from converters.weight_quant import WeightQuantConfig, prepare_weights
+from converters.prepare import Preparation, PreparedModel
+from converters.quant_plan import QuantPlan
+from edge_convnext import bench
 from converters.reference import ensure_reference
 from converters.weights import LoadedWeights, load_weights
 from edge_convnext.dataset import SPLIT_RULE, ImageNetSubset, Sample, ids_sha256, image_directory, load_subset
@@ -36,7 +40,7 @@ from edge_convnext.info import package_versions
 from edge_convnext.labels import LABELS_FILE, write_labels
 from edge_convnext.labels import unique_labels
 from edge_convnext.manifest import Manifest, manifest_path, stamp, write_manifest
-from edge_convnext.metrics import compare
+from edge_convnext.metrics import Fidelity, compare
 from edge_convnext.preprocessing import Preprocessing, preprocess_file
 from edge_convnext.progress import fmt_seconds
 from edge_convnext.recipes import Recipe, get_recipe, select_recipes
@@ -64,6 +68,7 @@ class ConvertOptions:
     preprocessing: Preprocessing | None = None
     threads: int | None = None
     fail_fast: bool = False
+    target: AccuracyTarget | None = None  # --min-sqnr / --min-agreement: float layers until it is met
 
 
 @dataclass
@@ -108,8 +113,9 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
     reference = ensure_reference(weights, subset, out, opts.reference_images)
     calibration = CalibrationStream(calibration_samples, weights.preprocessing)
     model = export_model(weights.model, weights.preprocessing)
-    rewritten: dict[tuple[str, ...], tuple[torch.nn.Module, dict[str, int]]] = {}  # one copy per pass list
-    rounded: dict[tuple[Any, ...], tuple[torch.nn.Module, dict[str, Any]]] = {}  # one per (passes, rounding)
+    preparation = Preparation(model, calibration, opts.calibration_images)
+    if any(preparation.makes_choices(r) for r in recipes) or (opts.target and any(r.quantized for r in recipes)):
+        preparation.held_out()  # split once, before any backend calibrates: held-out images set nothing
     example = torch.from_numpy(next(iter(calibration(1))))
     toolchain = package_versions()
 
@@ -117,10 +123,10 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
         echo(f"[{i}/{len(recipes)}] {recipe.name}: building ({recipe.description})")
         t0 = time.perf_counter()
         try:
-            prepared = _prepared_model(recipe, model, calibration, rewritten, rounded,
-                                       lambda msg: echo(f"    {recipe.name}: {msg}"))
+            preparation.log = lambda msg, name=recipe.name: echo(f"    {name}: {msg}")
+            prepared = preparation.prepare(recipe)
             m = _build_one(recipe, builders[recipe.format], weights, subset, labels, reference, calibration,
-                           prepared, model, example, toolchain, opts, echo)
+                           prepared, preparation, model, example, toolchain, opts, echo)
             outcome = Outcome(recipe, True, time.perf_counter() - t0, manifest=m)
             echo(f"[{i}/{len(recipes)}] {recipe.name}: done in {fmt_seconds(outcome.seconds)}, "
                  f"{m.size_bytes / 1e6:.1f} MB, parity {_parity_text(m.parity)}")
@@ -136,44 +142,6 @@ def convert(opts: ConvertOptions, echo: Callable[[str], None] = lambda s: print(
     return report
 
 
-@dataclass
-class PreparedModel:
-    """The export model as a backend receives it: after the recipe's exact rewrites and weight rounding."""
-
-    model: torch.nn.Module
-    rewrites: dict[str, int]
-    weight_rounding: dict[str, Any] | None = None
-
-
-def _prepared_model(
-    recipe: Recipe,
-    model: torch.nn.Module,
-    calibration: CalibrationStream,
-    rewritten: dict[tuple[str, ...], tuple[torch.nn.Module, dict[str, int]]],
-    rounded: dict[tuple[Any, ...], tuple[torch.nn.Module, dict[str, Any]]],
-    log: Callable[[str], None],
-) -> PreparedModel:
-    """Rewrites (`converters.rewrites`), then int8 weight rounding (`converters.weight_quant`), each cached
-    per configuration: recipes that ask for the same get the same model."""
-    passes = tuple(recipe.options.get("rewrites", ()))
-    if passes not in rewritten:
-        rewritten[passes] = rewrites.apply(model, passes)
-    m, counts = rewritten[passes]
-    rounding = recipe.options.get("weight_rounding")
-    if rounding is None:
-        return PreparedModel(m, counts)
-    cfg = WeightQuantConfig(**dict(rounding))
-    key = (passes, cfg)  # a frozen dataclass: equal settings share one rounded model
-    if key not in rounded:
-        log(f"int8 weight rounding ({cfg.method}, bias correction {cfg.bias_correction}) on "
-            f"{cfg.images} calibration images")
-        q, rep = prepare_weights(m, calibration(cfg.images), cfg, log)
-        rep.image_ids = list(calibration.used_ids)  # the calibration set's images, never evaluation ones
-        rounded[key] = (q, rep.to_dict())
-    q, rep = rounded[key]
-    return PreparedModel(q, counts, rep)
-
-
 def _build_one(
     recipe: Recipe,
     builder: Callable[[BuildContext, Path], BuildResult],
@@ -183,13 +151,14 @@ def _build_one(
     reference: StoredReference,
     calibration: CalibrationStream,
     prepared: PreparedModel,
+    preparation: Preparation,
     float_model: torch.nn.Module,
     example: torch.Tensor,
     toolchain: dict[str, str],
     opts: ConvertOptions,
     echo: Callable[[str], None],
 ) -> Manifest:
-    model, rewrite_counts = prepared.model, prepared.rewrites
+    model = prepared.model
     final = Path(opts.out) / recipe.filename
     planned = BuildResult.for_recipe(recipe)  # the backend's result replaces these specs
     manifest = Manifest(
@@ -213,22 +182,29 @@ def _build_one(
             recipe=recipe,
             model=model,
             float_model=float_model,
+            plan=prepared.plan,
+            activation_ranges=prepared.activation_ranges,
             example_input=example,
             calibration_images=calibration,
-            calibration_count=opts.calibration_images,
+            calibration_count=min(opts.calibration_images, preparation.statistics_images),
             labels=labels,
             embedded_manifest=manifest.embedded_dict(),
             workdir=workdir,
             log=lambda msg: echo(f"    {recipe.name}: {msg}"),
         )
         with atomic_path(final) as tmp:
-            result = builder(ctx, tmp)
+            target_record = None
+            if opts.target is not None and recipe.quantized:
+                result, prepared, target_record = _build_to_target(recipe, builder, ctx, tmp, manifest, prepared,
+                                                                   preparation, opts)
+            else:
+                result = builder(ctx, tmp)
             manifest.input, manifest.output = result.input, result.output
             manifest.lowering, manifest.embedded, manifest.notes = result.lowering, result.embedded, result.notes
-            if rewrite_counts:  # exact rewrites of the export model (converters.rewrites), before the backend
-                manifest.lowering["rewrites"] = rewrite_counts
-            if prepared.weight_rounding is not None:  # torch-side int8 rounding the backend then stores as is
-                manifest.lowering["weight_rounding"] = prepared.weight_rounding
+            # what happened before the backend: rewrites, float layers, smoothing, rounding, ranges
+            manifest.lowering.update(prepared.lowering_records())
+            if target_record is not None:
+                manifest.lowering["accuracy_target"] = target_record
             if manifest.calibration is not None:
                 manifest.calibration["count"] = result.calibration_used
                 manifest.calibration["image_ids"] = list(calibration.used_ids[: result.calibration_used])
@@ -243,6 +219,49 @@ def _build_one(
         return manifest
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _build_to_target(recipe: Recipe, builder: Callable[[BuildContext, Path], BuildResult], ctx: BuildContext,
+                     out: Path, manifest: Manifest, prepared: PreparedModel, preparation: Preparation,
+                     opts: ConvertOptions) -> tuple[BuildResult, PreparedModel, dict[str, Any]]:
+    """Build ``recipe`` to ``opts.target`` (`converters.accuracy_target`): candidates are built beside the
+    work directory, measured with the host's runner on the held-out calibration images, and the chosen one
+    moves to ``out``. Returns its backend result, the prepared model it came from, and the manifest record."""
+    assert opts.target is not None
+    scheme = accuracy_target.check_supported(recipe.name, preparation.scheme(recipe))
+    data = preparation.held_out()
+    x = np.concatenate(data.held)
+    candidates = Path(tempfile.mkdtemp(prefix=f"edge-convnext-{recipe.name}-target-"))
+    built: list[tuple[Path, BuildResult, Manifest]] = []
+
+    def build_and_measure(plan: QuantPlan, model: torch.nn.Module) -> tuple[Path, Fidelity]:
+        path = candidates / f"candidate-{len(built)}{recipe.format.ext}"
+        work = candidates / f"work-{len(built)}"
+        result = builder(dataclasses.replace(ctx, model=model, plan=plan, workdir=work), path)
+        m = dataclasses.replace(manifest, input=result.input, output=result.output)
+        stamp(path, m)
+        write_manifest(manifest_path(path), m)
+        built.append((path, result, m))
+        return path, compare(data.reference, open_runner(path, m, threads=opts.threads).run(x))
+
+    try:
+        plan, model, path, record = accuracy_target.search(
+            opts.target, prepared.plan, prepared.float_model, prepared.model, scheme,
+            preparation.simulation_ranges(prepared, scheme), data, build_and_measure, ctx.log)
+        first, chosen = built[0], next(b for b in built if b[0] == path)
+        before_ms = bench.latency_ms(first[0], opts.threads) if chosen is not first else None
+        after_ms = bench.latency_ms(chosen[0], opts.threads) if chosen is not first else None
+        record["cost"] = {
+            "bytes": chosen[2].size_bytes - first[2].size_bytes,
+            "latency_ms": {"without": before_ms, "with": after_ms,
+                           "how": "median batch-1 latency, each artifact in a fresh process on this build host "
+                                  "(a loaded build machine: compare with edge-convnext bench)"}
+            if chosen is not first else None,
+        }
+        shutil.move(str(path), str(out))
+    finally:
+        shutil.rmtree(candidates, ignore_errors=True)
+    return chosen[1], dataclasses.replace(prepared, plan=plan, model=model), record
 
 
 def _parity(artifact: Path, final: Path, m: Manifest, reference: StoredReference, subset: ImageNetSubset,

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from converters.act_quant import Point
+from converters.quant_plan import QuantPlan
 from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS
 from edge_convnext.manifest import TensorSpec
 from edge_convnext.recipes import Recipe
@@ -38,6 +40,11 @@ class BuildContext:
     # The float export model before the recipe's weight rounding (`converters.weight_quant`): what a
     # backend's own fidelity check compares against. None: ``model`` itself.
     float_model: torch.nn.Module | None = None
+    # Which conv/linear layers stay float (`converters.quant_plan`); None: the recipe quantizes all it can.
+    plan: QuantPlan | None = None
+    # Ranges chosen on the torch side for static activations (`converters.prepare`), per quantization
+    # point (torch layer input/output); None: the backend's own calibration ranges.
+    activation_ranges: dict[Point, tuple[float, float]] | None = None
 
     @property
     def float_reference(self) -> torch.nn.Module:

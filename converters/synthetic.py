@@ -18,6 +18,7 @@ These numbers mean nothing about ImageNet: every manifest and report built on th
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 
@@ -68,27 +69,51 @@ def synthetic_model(seed: int = 0, arch: str = "convnext-tiny") -> ConvNextForIm
 
 @torch.no_grad()
 def _fit_head(model: ConvNextForImageClassification, g: torch.Generator) -> None:
+    """Fit the classifier to the probe features (see module doc), bit-reproducibly on any CPU.
+
+    The probe forward pass runs in float64 and its features are rounded to a coarse grid before the
+    fit, whose results are rounded again (`_on_grid`): float32 interpolation, convolutions and SVDs differ in
+    their last bits between thread counts and CPUs (two build hosts gave ``random:0`` two sha256
+    identities, and one host another one at 1 thread than at 2), and the weights' identity must not
+    depend on the machine.
+    """
     feats: list[torch.Tensor] = []
-    hook = model.convnext.layernorm.register_forward_hook(lambda _m, _i, out: feats.append(out))
+    model64 = copy.deepcopy(model).to(torch.float64)
+    hook = model64.convnext.layernorm.register_forward_hook(lambda _m, _i, out: feats.append(out))
     try:
-        model.convnext(pixel_values=(_probe_images(g) - 0.45) / 0.225)
+        model64.convnext(pixel_values=(_probe_images(g) - 0.45) / 0.225)
     finally:
         hook.remove()
-    f = feats[0]  # [PROBES, C] pooled, LayerNorm-ed features
+    # [PROBES, C] pooled, LayerNorm-ed features. Rounded to a coarse grid: the deep float64 forward
+    # pass differs between CPUs and thread counts by ~1e-10 relative, far below this grid's steps.
+    f = _on_grid(feats[0], bits=12).to(torch.float64)
     _, _, vh = torch.linalg.svd(f, full_matrices=False)
-    v = vh[:PROJECTED_DIRECTIONS].T
-    w = model.classifier.weight
-    w.copy_(torch.randn(w.shape, generator=g))
-    w.sub_((w @ v) @ v.T)
-    w.mul_(PROBE_LOGIT_STD / (f @ w.T).std())
-    model.classifier.bias.copy_(-(f.mean(0) @ w.T))
+    v = vh[:PROJECTED_DIRECTIONS].T  # the projection below does not depend on the vectors' signs
+    w = torch.randn(model.classifier.weight.shape, generator=g).to(torch.float64)
+    w -= (w @ v) @ v.T
+    w *= PROBE_LOGIT_STD / (f @ w.T).std()
+    model.classifier.weight.copy_(_on_grid(w))
+    model.classifier.bias.copy_(_on_grid(-(f.mean(0) @ w.T)))
+
+
+def _on_grid(t: torch.Tensor, bits: int = 16) -> torch.Tensor:
+    """float64 ``t`` rounded to multiples of ``2**(e - bits)``, ``e`` the exponent of ``max|t|``, as float32.
+
+    Differences of order 1e-12 between machines then round to the same float32 values.
+    """
+    step = 2.0 ** (math.floor(math.log2(float(t.abs().max()))) - bits)
+    return (torch.round(t / step) * step).to(torch.float32)
 
 
 def _probe_images(g: torch.Generator) -> torch.Tensor:
-    """float32 ``[PROBES, 3, 224, 224]`` in [0, 1]: sums of bilinearly upsampled noise at 5 scales."""
-    out = torch.zeros(PROBES, 3, 224, 224)
+    """float64 ``[PROBES, 3, 224, 224]`` in [0, 1]: sums of bilinearly upsampled noise at 5 scales.
+
+    Upsampled in float64: float32 interpolation rounds differently with the thread count.
+    """
+    out = torch.zeros(PROBES, 3, 224, 224, dtype=torch.float64)
     for s in (4, 8, 16, 32, 64):
-        out += F.interpolate(torch.rand(PROBES, 3, s, s, generator=g), size=224, mode="bilinear") / 5
+        noise = torch.rand(PROBES, 3, s, s, generator=g).to(torch.float64)
+        out += F.interpolate(noise, size=224, mode="bilinear") / 5
     return out.clamp_(0, 1)
 
 

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from converters.quant_plan import quantizable_layers
+
 QMAX = 127  # symmetric int8 weights: [-127, 127]
 METHODS = ("minmax", "mse", "gptq")
 
@@ -102,8 +104,7 @@ class WeightQuantReport:
 
 def quantizable(model: nn.Module, skip: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
     """(name, module) of every conv and linear layer, in network order, minus ``skip``."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in set(skip)]
+    return [(n, m) for n, m in quantizable_layers(model) if n not in set(skip)]
 
 
 def weight_rows(m: nn.Module) -> torch.Tensor:

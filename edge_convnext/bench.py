@@ -12,6 +12,10 @@ evaluation images (speed is never reported without accuracy). Ratios are to ONNX
 peers run (``--peers``: ONNX Runtime and PyTorch eager on the same weights, see `edge_convnext.peers`),
 else to each format's fp32 artifact. Without ``--peers`` only NumPy, Pillow and the artifacts' runtimes
 are needed, so a Raspberry Pi prints the same table with its own numbers.
+
+``--profile`` adds, per artifact and in a further process of its own, where the time of a run goes
+(`edge_convnext.profiling`): per op kind, per layer and the slowest ops, against the un-profiled median
+measured in that same process. Profiling a ``.tflite`` needs the light install only.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_convnext.errors import EdgeConvNextError, RuntimeUnavailable, first_line
+from edge_convnext.errors import EdgeConvNextError, MissingExtra, RuntimeUnavailable, first_line
 from edge_convnext.evaluate import find_artifacts
 from edge_convnext.manifest import manifest_path, read_manifest
 from edge_convnext.metrics import compare
@@ -57,6 +61,7 @@ class BenchRow:
     peak_rss_mb: float | None = None
     fidelity: dict[str, Any] | None = None
     status: str = "ok"
+    profile: dict[str, Any] | None = None  # `edge_convnext.profiling.Profile.to_dict`, with --profile
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +76,7 @@ class BenchOptions:
     data: Path | None = None
     peers: bool = False
     weights: str | None = None  # peers: default, the reference's recorded weights source
+    profile: bool = False  # also profile each artifact, in a process of its own (`edge_convnext.profiling`)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,6 +108,9 @@ def bench(paths: Sequence[Path], opts: BenchOptions, echo: Callable[[str], None]
             label = job.get("path") or job["peer"]
             echo(f"[{i}/{len(jobs)}] bench {Path(label).name}")
             rows.append(_run_worker({**common, **job}))
+            if opts.profile and job["kind"] == "artifact" and rows[-1].status == "ok":  # a failed row says why
+                echo(f"[{i}/{len(jobs)}] profile {Path(label).name}")
+                rows[-1].profile = _run_profile({**common, "kind": "profile", "path": job["path"]})
     return rows
 
 
@@ -119,18 +128,44 @@ def _peer_jobs(reference: Path, opts: BenchOptions, tmp: Path, echo: Callable[[s
             {"kind": "peer", "peer": "pytorch-eager-fp32", "weights": weights, "weights_sha256": sha}]
 
 
-def _run_worker(job: dict[str, Any]) -> BenchRow:
-    name = Path(job["path"]).stem if job["kind"] == "artifact" else job["peer"]
+def _run_process(job: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """Run one job in a fresh ``python -m edge_convnext.bench JOB`` -> (its JSON result, or None and the error)."""
     try:
         proc = subprocess.run([sys.executable, "-m", "edge_convnext.bench", json.dumps(job)], capture_output=True,
                               text=True, timeout=_WORKER_TIMEOUT_S, env={**os.environ, "TQDM_DISABLE": "1"})
     except subprocess.TimeoutExpired:
-        return BenchRow(name, job["kind"], status=f"error: no result within {_WORKER_TIMEOUT_S} s")
+        return None, f"error: no result within {_WORKER_TIMEOUT_S} s"
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return BenchRow(name, job["kind"], status=f"error: {tail}")
-    return BenchRow(**json.loads(lines[-1]))
+        return None, f"error: {tail}"
+    return json.loads(lines[-1]), "ok"
+
+
+def _run_worker(job: dict[str, Any]) -> BenchRow:
+    name = Path(job["path"]).stem if job["kind"] == "artifact" else job["peer"]
+    result, status = _run_process(job)
+    return BenchRow(**result) if result is not None else BenchRow(name, job["kind"], status=status)
+
+
+def _run_profile(job: dict[str, Any]) -> dict[str, Any]:
+    """The artifact's profile (`Profile.to_dict`) from a process of its own; its status says why when there is none."""
+    from edge_convnext.profiling import Profile
+
+    result, status = _run_process(job)
+    return result if result is not None else Profile(job["path"], "-", status=status).to_dict()
+
+
+def _profile_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """Profile one artifact in this process (the body of a ``"kind": "profile"`` job)."""
+    from edge_convnext.profiling import Profile, profile_artifact
+
+    path = Path(job["path"])
+    try:
+        prof = profile_artifact(path, job.get("threads"), runs=max(3, int(job["runs"])), warmup=max(1, int(job["warmup"])))
+    except (RuntimeUnavailable, MissingExtra) as e:  # e.g. ExecuTorch not installed, or tflite-runtime only
+        prof = Profile(str(path), "-", status=f"not profiled here: {first_line(e)}")
+    return prof.to_dict()
 
 
 def _worker(job: dict[str, Any]) -> BenchRow:
@@ -245,10 +280,45 @@ def _peak_rss_mb() -> float:
     return peak / 1e6 if sys.platform == "darwin" else peak / 1024.0
 
 
+def profiles(rows: Sequence[BenchRow], top: int = 10) -> str:
+    """Markdown: each profiled row's profile (`edge_convnext.profiling.render`), "" when none was asked for."""
+    from edge_convnext.profiling import Profile, render
+
+    parts = [render(Profile.from_dict(r.profile), top=top, name=r.name) for r in rows if r.profile is not None]
+    return "\n\n".join(parts)
+
+
+def latency_ms(path: Path, threads: int | None, runs: int = 20, warmup: int = 3) -> float | None:
+    """Median batch-1 latency (ms) of one artifact (its manifest beside it), measured in a fresh process on a
+    constant mid-grey image: for build-time comparisons (e.g. what an accuracy target's float layers
+    cost); None when it cannot run here."""
+    result, _ = _run_process({"kind": "latency", "path": str(path), "threads": threads, "runs": runs, "warmup": warmup})
+    return None if result is None else result.get("median_ms")
+
+
+def _latency_worker(job: dict[str, Any]) -> dict[str, Any]:
+    from edge_convnext.runners import open_runner
+
+    path = Path(job["path"])
+    try:
+        runner = open_runner(path, read_manifest(manifest_path(path)), threads=job.get("threads"))
+    except RuntimeUnavailable as e:
+        return {"median_ms": None, "status": f"not runnable here: {first_line(e)}"}
+    x = np.full((1, 3, 224, 224), 0.5, dtype=np.float32)
+    times = time_calls(lambda: runner.run(x), int(job["runs"]), int(job["warmup"]))
+    return {"median_ms": round(1000 * statistics.median(times), 2)}
+
+
+_WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "profile": _profile_worker,
+    "latency": _latency_worker,
+}
+
 if __name__ == "__main__":  # the worker: one job as JSON on the command line, one JSON line out
     try:
-        result = _worker(json.loads(sys.argv[1]))
+        job = json.loads(sys.argv[1])
+        out = _WORKERS[job["kind"]](job) if job["kind"] in _WORKERS else _worker(job).to_dict()
     except EdgeConvNextError as e:
         print(f"edge-convnext bench: {e}", file=sys.stderr)
         sys.exit(1)
-    print(json.dumps(result.to_dict()))
+    print(json.dumps(out))

@@ -51,10 +51,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from edge_convnext.preprocessing import Preprocessing
 
     pre = Preprocessing.from_hf_config_file(args.preprocessor_config) if args.preprocessor_config else None
+    target = None
+    if args.min_sqnr is not None or args.min_agreement is not None:
+        from converters.accuracy_target import AccuracyTarget
+
+        target = AccuracyTarget(args.min_sqnr, args.min_agreement)
     opts = ConvertOptions(
         weights=args.weights, recipes=args.recipes, out=args.out, data=args.data,
         calibration_images=args.calibration_images, calibration=args.calibration, parity_images=args.parity_images,
         reference_images=args.reference_images, preprocessing=pre, threads=args.threads, fail_fast=args.fail_fast,
+        target=target,
     )
     report = convert(opts)
     from edge_convnext.report import convert_summary
@@ -84,7 +90,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     opts = EvalOptions(data=args.data, ground_truth=args.ground_truth, reference=args.reference, limit=args.limit,
                        threads=args.threads, verify=not args.no_verify, budget_s=args.budget, results=args.results,
-                       ray=args.ray, shard_images=args.shard_images, ray_cpus=args.ray_cpus)
+                       ray=args.ray, shard_images=args.shard_images, ray_cpus=args.ray_cpus,
+                       decode_threads=args.decode_threads)
     run = evaluate_paths(args.paths, opts)
     if args.results or args.ray is not None:
         n = run.shards
@@ -130,13 +137,15 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from edge_convnext.bench import BenchOptions, bench, plot, ratios, table
+    from edge_convnext.bench import BenchOptions, bench, plot, profiles, ratios, table
     from edge_convnext.fileio import write_json_atomic, write_text_atomic
 
     opts = BenchOptions(runs=args.runs, warmup=args.warmup, threads=args.threads, fidelity_images=args.fidelity_images,
-                        data=args.data, peers=args.peers, weights=args.weights)
+                        data=args.data, peers=args.peers, weights=args.weights, profile=args.profile)
     rows = bench(args.paths, opts, echo=lambda s: print(s, file=sys.stderr))
     text = table(rows, args.threads)
+    if args.profile:
+        text += "\n\n" + profiles(rows)
     print(text)
     if args.json:
         write_json_atomic(args.json, {"threads": args.threads, "runs": args.runs,
@@ -145,7 +154,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         write_text_atomic(args.markdown, text + "\n")
     if args.plot:
         plot(rows, args.plot, f"threads: {args.threads or 'runtime default'}, median of {args.runs} runs, each row in its own process")
-    return 1 if any(r.status.startswith("error") for r in rows) else 0
+    failed = [r for r in rows if r.status.startswith("error") or (r.profile or {}).get("status", "").startswith("error")]
+    return 1 if failed else 0
 
 
 def _cmd_app_eval(args: argparse.Namespace) -> int:
@@ -161,6 +171,38 @@ def _cmd_app_eval(args: argparse.Namespace) -> int:
     if args.markdown:
         write_text_atomic(args.markdown, text + "\n")
     return 1 if any(r.error for r in run.results) else 0
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from edge_convnext.fileio import write_json_atomic, write_text_atomic
+    from edge_convnext.manifest import manifest_path, read_manifest
+    from edge_convnext.recipes import FLOAT_PRECISIONS
+
+    m = read_manifest(manifest_path(args.artifact))
+    if m.precision in FLOAT_PRECISIONS:  # answered without the build stack
+        text = f"{args.artifact}: {m.recipe} is a float recipe ({m.precision}); nothing in it is quantized"
+        print(text)
+        if args.json:
+            write_json_atomic(args.json, {"schema": "edge-convnext/layers/v1", "artifact": str(args.artifact),
+                                          "recipe": m.recipe, "precision": m.precision, "layers": [], "note": text})
+        return 0
+    try:
+        from converters.layer_report import layer_report, plot
+    except ImportError as e:
+        from edge_convnext.errors import MissingExtra
+
+        raise MissingExtra(e.name or "torch", "convert", "`edge-convnext layers` (it rebuilds the float model from "
+                           "the manifest's weights with torch)") from e
+    report = layer_report(args.artifact, images=args.images, data=args.data, threads=args.threads,
+                          verify=not args.no_verify, echo=lambda s: print(s, file=sys.stderr))
+    print(report.text(all_layers=args.all_layers))
+    if args.json:
+        write_json_atomic(args.json, report.to_dict())
+    if args.markdown:
+        write_text_atomic(args.markdown, report.markdown())
+    if args.plot:
+        plot(report, args.plot)
+    return 0
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
@@ -236,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an HF preprocessor_config.json overriding the weights' preprocessing")
     s.add_argument("--threads", type=int, help="CPU threads for torch and the runtimes")
     s.add_argument("--fail-fast", action="store_true", help="stop at the first failing recipe")
+    s.add_argument("--min-sqnr", type=float, metavar="DB",
+                   help="accuracy target for quantized recipes: keep the fewest, most sensitive layers float until the "
+                        "artifact reaches this SQNR on held-out calibration images")
+    s.add_argument("--min-agreement", type=float, metavar="FRACTION",
+                   help="accuracy target: top-1 agreement with the float model on held-out calibration images (0-1)")
     s.set_defaults(func=_cmd_convert)
 
     s = sub.add_parser("reference", help="compute and store the float reference logits of the evaluation split")
@@ -260,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="runtime CPU threads (default: all cores)")
     s.add_argument("--budget", type=float, metavar="SECONDS",
                    help="per artifact: stop after this long and report the images done (slow runtimes, devices)")
+    s.add_argument("--decode-threads", type=int, default=1, metavar="N",
+                   help="threads decoding and preprocessing the next images while the artifact runs (default 1; "
+                        "0 decodes in between inferences). Same results either way")
     s.add_argument("--gate", nargs="?", const="default", metavar="FILE",
                    help="fail (exit 2) when an artifact misses its thresholds (default: the packaged gate file)")
     s.add_argument("--gate-other-weights", action="store_true",
@@ -299,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--peers", action="store_true", help="also ONNX Runtime fp32 and PyTorch eager (the [bench] and "
                    "[convert] extras); ratios are then to ONNX Runtime fp32")
     s.add_argument("--weights", help="the peers' weights (default: the reference's recorded source; its sha256 must match)")
+    s.add_argument("--profile", action="store_true", help="also where the time goes, per op kind, layer and op: "
+                   ".tflite cut into one model per op (light install), .pte from ExecuTorch's ETDump; Core ML "
+                   "is not profiled (emulated here)")
     s.add_argument("--fidelity-images", type=int, default=32, metavar="N",
                    help="evaluation images for the fidelity columns (default 32)")
     s.add_argument("--data", type=Path, help=data_help)
@@ -323,6 +376,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", type=Path, help="take the preprocessing from this artifact manifest")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_roi)
+
+    s = sub.add_parser("layers", help="per-layer quantization error of an artifact against the float model: each "
+                       "conv/linear layer's output SQNR, and the end-to-end SQNR with that layer alone quantized")
+    s.add_argument("artifact", type=Path, metavar="ARTIFACT")
+    s.add_argument("--images", type=int, default=8, metavar="N", help="calibration images to measure on (default 8; "
+                   "never evaluation images)")
+    s.add_argument("--data", type=Path, help=data_help)
+    s.add_argument("--threads", type=int, help="CPU threads for torch and the runtime")
+    s.add_argument("--all-layers", action="store_true", help="list the float layers in the table too")
+    s.add_argument("--json", type=Path, metavar="FILE")
+    s.add_argument("--markdown", type=Path, metavar="FILE")
+    s.add_argument("--plot", type=Path, metavar="FILE", help="PNG: both SQNRs along the network's depth")
+    s.add_argument("--no-verify", action="store_true", help="run an artifact whose sha256 does not match its manifest")
+    s.set_defaults(func=_cmd_layers)
 
     s = sub.add_parser("extract", help="write the .mlpackage inside a Core ML-delegated .pte (to open it in Xcode)")
     s.add_argument("artifact", type=Path, metavar="ARTIFACT.pte")

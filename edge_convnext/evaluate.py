@@ -52,6 +52,7 @@ class EvalOptions:
     shard_images: int = 256  # images per shard with --ray (rounded up to a multiple of the batch)
     ray_cpus: int | None = None  # CPUs of the local Ray cluster (default: all cores)
     ray_retries: int = 3  # times a shard whose worker died is retried before it is reported as failed
+    decode_threads: int = 1  # local eval: threads decoding the next images during inference (0: inline)
 
 
 @dataclass
@@ -75,7 +76,8 @@ class ArtifactResult:
     reference_top1: float | None = None
     reference_top5: float | None = None
     fidelity: Fidelity | None = None
-    seconds_per_image: float | None = None
+    seconds_per_image: float | None = None  # inside the runtime
+    images_per_second: float | None = None  # throughput of the image loop: decoding, preprocessing, inference
     wall_seconds: float = 0.0
     stopped_by_budget: bool = False
 
@@ -134,7 +136,7 @@ def evaluate_paths(paths: Sequence[Path], opts: EvalOptions) -> EvalRun:
     jobs = [p for p in prepared if isinstance(p, ArtifactJob)]
     executor: ShardExecutor
     if opts.ray is None:
-        executor = LocalExecutor(ImageCache(samples, pre), opts.budget_s)
+        executor = LocalExecutor(ImageCache(samples, pre), opts.budget_s, opts.decode_threads)
         plans = {j.path: plan_shards(j, samples, None) for j in jobs}
     else:
         from edge_convnext.distributed import RayExecutor  # Ray loads only here: the local path never imports it
@@ -216,11 +218,15 @@ class ShardExecutor(Protocol):
 
 
 class LocalExecutor:
-    """One shard after another in this process, with a progress line per artifact and `ImageCache` crops."""
+    """One shard after another in this process, with a progress line per artifact and `ImageCache` crops.
 
-    def __init__(self, images: ImageCache, budget_s: float | None = None) -> None:
+    ``decode_threads`` decode the next images while the runtime runs (`run_shard`).
+    """
+
+    def __init__(self, images: ImageCache, budget_s: float | None = None, decode_threads: int = 1) -> None:
         self.images = images
         self.budget_s = budget_s
+        self.decode_threads = decode_threads
 
     def __enter__(self) -> LocalExecutor:
         return self
@@ -233,9 +239,9 @@ class LocalExecutor:
 
     def run(self, shards: list[Shard], settings: ShardSettings) -> Iterator[tuple[int, ShardResult]]:
         for i, shard in enumerate(shards):
-            with Progress(len(shard.samples), f"eval {shard.job.recipe}") as progress:
+            with Progress(len(shard.samples), f"eval {shard.job.recipe}", rate_unit="images") as progress:
                 yield i, run_shard(shard, settings, crop=self.images.get, on_batch=progress.advance,
-                                   budget_s=self.budget_s)
+                                   budget_s=self.budget_s, decode_threads=self.decode_threads)
 
 
 def run_shards(shards: list[Shard], settings: ShardSettings, executor: ShardExecutor, store: ShardStore | None,
@@ -305,6 +311,8 @@ def merge_shards(job: ArtifactJob, shards: list[Shard], parts: list[ShardResult]
     result.reference_top1, result.reference_top5 = accuracy(ref_logits, labels)
     result.fidelity = compare(ref_logits, logits)
     result.seconds_per_image = sum(p.run_seconds for p in parts) / len(kept)
+    loop = sum(p.loop_seconds for p in parts)  # with --ray: one worker's throughput, not the cluster's
+    result.images_per_second = round(len(kept) / loop, 2) if loop > 0 else None
     result.status = "ok"
     return result
 

@@ -56,7 +56,6 @@ class TorchEagerPeer:
 
         from converters.model import export_model
 
-        # Weights first: synthetic weights are fitted with torch, and their bits depend on the thread count.
         w = load_peer_weights(weights, weights_sha256)
         self.model = export_model(w.model, w.preprocessing, probabilities=False)
         if threads:

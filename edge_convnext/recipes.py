@@ -91,6 +91,30 @@ _C, _T, _E = ArtifactFormat.COREML, ArtifactFormat.TFLITE, ArtifactFormat.EXECUT
 _INT8_WEIGHTS: dict[str, Any] = {"rewrites": ("fold_layer_scale",),
                                  "weight_rounding": {"method": "gptq", "bias_correction": True, "images": 16}}
 _STEM = "embeddings.patch_embeddings"
+# XNNPACK (LiteRT and ExecuTorch) runs depthwise convs of at most 25 taps on fast microkernels and the
+# 7x7 (49 taps) on a slow path: `split_depthwise` makes each one three centred pieces (converters.rewrites).
+# Measured on synthetic ConvNeXt-T, LiteRT fp32, 2 threads: 67-69 ms -> 43-46 ms.
+_SPLIT = ("split_depthwise",)
+# The depthwise pieces stay float in the int8 recipes (converters.quant_plan): 0.3 M weights, 2.4 % of
+# the MACs. XNNPACK's int8 depthwise path was the slow one (LiteRT static int8: 200 ms with int8 7x7
+# depthwise, 10.4 ms with float split depthwise), and float keeps their activations unquantized.
+_DW_FLOAT = ("stages.*.dwconv.*",)
+# Also float in the int8-activation recipes (float16-stored in LiteRT): the stem, the three downsampling
+# convs and the classifier, 4.3 % of the MACs. Their activations cost most per layer: in the fake-quant
+# simulation of static int8 (synthetic ConvNeXt-T, 64 held-out calibration images), the stem and
+# downsampling activations alone cost 3.6 dB, the classifier's 1.1-1.7 dB; keeping the five float took
+# the simulated static int8 from 27.3 to 30.7 dB (27.6 -> 31.5 dB with the LayerNorm migration at 0.5).
+# Measured on the random:0 weights before their head fit was made machine-independent.
+_EDGE_FLOAT = (_STEM, "stages.*.downsampling_layer.1", "classifier")
+# Chosen per build on held-out calibration images (converters.prepare): the LayerNorm migration strength
+# and, for LiteRT's static activations, the range estimator.
+_MIGRATION = {"smoothing": {"alphas": (0.0, 0.25, 0.5, 0.75)}}
+_RANGES = {"activation_ranges": {"estimators": ("minmax", "percentile 99.999", "percentile 99.99", "mse")}}
+_INT8_ACT = {**_INT8_WEIGHTS, **_MIGRATION, "rewrites": ("fold_layer_scale", *_SPLIT),
+             "float_layers": _DW_FLOAT + _EDGE_FLOAT}
+# ExecuTorch: NCHW blocks end to end (converters.rewrites.channels_first), so XNNPACK keeps the graph NHWC.
+_ET = {"delegate": "xnnpack", "ln_rewrite": True}
+_ET_REWRITES = ("fold_layer_scale", *_SPLIT, "channels_first")
 _FP32_BOUND = 1e-3  # max abs logit error of an fp32 artifact against the float reference
 
 RECIPES: tuple[Recipe, ...] = (
@@ -109,23 +133,31 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("coreml-w8a8", _C, "w8a8", "8-bit weights and activations, calibrated (torch-side quantizer)",
            calibrated=True, options={"compute_precision": "fp16", "weights": "int8", "activations": "int8",
                                      **_INT8_WEIGHTS}),
-    Recipe("tflite-fp32", _T, "fp32", "float32", parity_max_abs=_FP32_BOUND),
-    Recipe("tflite-fp16", _T, "fp16", "float16 weights, float32 compute"),
+    Recipe("tflite-fp32", _T, "fp32", "float32", parity_max_abs=_FP32_BOUND, options={"rewrites": _SPLIT}),
+    Recipe("tflite-fp16", _T, "fp16", "float16 weights, float32 compute", options={"rewrites": _SPLIT}),
     Recipe("tflite-dynamic-int8", _T, "dynamic-int8", "dynamic-range int8: int8 weights, activations quantized on the fly",
-           options=_INT8_WEIGHTS),
+           options=_INT8_ACT),
     Recipe("tflite-int8", _T, "int8", "static int8 weights and activations, calibrated; float input/output",
-           calibrated=True, options={"int8_scope": "compute", **_INT8_WEIGHTS}),
+           calibrated=True, options={**_INT8_ACT, **_RANGES, "int8_scope": "compute"}),
+    # Split depthwise here too, in int8: 8x faster in LiteRT (411 -> 51 ms in one loaded run; the int8 7x7 is
+    # XNNPACK's slow path) at the same fidelity (parity 17.2 -> 17.0 dB, 16 images 17.3 -> 17.1 dB).
     Recipe("tflite-int8-all", _T, "int8", "static int8 including LayerNorm, GELU and residual adds "
-           "(for integer-only accelerators), calibrated", calibrated=True, options={"int8_scope": "all", **_INT8_WEIGHTS}),
+           "(for integer-only accelerators), calibrated", calibrated=True,
+           options={"int8_scope": "all", **_INT8_WEIGHTS, "rewrites": ("fold_layer_scale", *_SPLIT)}),
     Recipe("tflite-w8a16", _T, "w8a16", "int8 weights, int16 activations, calibrated", calibrated=True,
            options=_INT8_WEIGHTS),
     Recipe("executorch-xnnpack-fp32", _E, "fp32", "XNNPACK delegate, float32", parity_max_abs=_FP32_BOUND,
-           options={"ln_rewrite": True}),
+           options={**_ET, "rewrites": (*_SPLIT, "channels_first")}),
     Recipe("executorch-xnnpack-int8", _E, "int8", "PT2E static per-channel int8, calibrated, XNNPACK delegate",
-           calibrated=True, options={"ln_rewrite": True, **_INT8_WEIGHTS}),
+           calibrated=True, options={**_ET, **_INT8_ACT, "rewrites": _ET_REWRITES, "int8_scope": "compute"}),
+    # Without channels_first: ExecuTorch 1.5.1 lowers dynamically quantized linears to XNNPACK but fails on
+    # dynamically quantized convs, 1x1 ones included ("Invalid size of per channel quantization scales").
+    Recipe("executorch-xnnpack-dynamic-int8", _E, "dynamic-int8", "PT2E dynamic int8 (XNNPACK qd8): int8 weights, "
+           "activations quantized per row at run time", options={**_ET, **_INT8_ACT}),
     Recipe("executorch-portable-fp32", _E, "fp32", "no delegate (portable kernels)", parity_max_abs=_FP32_BOUND),
     Recipe("executorch-coreml-fp16", _E, "fp16", "Core ML delegate, fp16 (runs on Apple; emulated elsewhere)",
-           runs_on="Apple devices (ExecuTorch built with the Core ML backend); elsewhere the Core ML emulator"),
+           runs_on="Apple devices (ExecuTorch built with the Core ML backend); elsewhere the Core ML emulator",
+           options={"delegate": "coreml"}),
 )
 
 _BY_NAME: dict[str, Recipe] = {r.name: r for r in RECIPES}

@@ -23,7 +23,9 @@ SYNTHETIC_BANNER = (
     "(chance level). Agreement, SQNR, cosine and KL against the float reference are the meaningful numbers."
 )
 _COLUMNS = ("recipe", "runtime", "MB", "images", "top-1", "top-5", "agree@1", "overlap@5", "SQNR dB", "cosine",
-            "KL", "max abs", "ms/img")
+            "KL", "max abs", "ms/img", "img/s")
+_RATE_NOTE = ("ms/img: time inside the runtime per image; img/s: images evaluated per second of the image loop "
+              "(decoding and preprocessing overlapped with inference)")
 
 
 def _pct(v: float | None) -> str:
@@ -33,13 +35,14 @@ def _pct(v: float | None) -> str:
 def _row(r: ArtifactResult) -> list[str]:
     mb = f"{r.size_bytes / 1e6:.1f}" if r.size_bytes else "-"
     if r.status != "ok" or r.fidelity is None:
-        return [r.recipe, r.runner or "-", mb, "-", r.status.upper(), "", "", "", "", "", "", "", ""]
+        return [r.recipe, r.runner or "-", mb, "-", r.status.upper(), "", "", "", "", "", "", "", "", ""]
     f = r.fidelity
     images = f"{r.images}" + (f" ({r.failed} failed)" if r.failed else "") + ("*" if r.stopped_by_budget else "")
     sqnr = "inf" if math.isinf(f.sqnr_db) else f"{f.sqnr_db:.1f}"
     ms = "-" if r.seconds_per_image is None else f"{1000 * r.seconds_per_image:.1f}"
+    rate = "-" if r.images_per_second is None else f"{r.images_per_second:.1f}"
     return [r.recipe, r.runner or "-", mb, images, _pct(r.top1), _pct(r.top5), _pct(f.top1_agreement),
-            _pct(f.top5_overlap), sqnr, f"{f.cosine:.5f}", f"{f.kl:.2e}", f"{f.max_abs:.2e}", ms]
+            _pct(f.top5_overlap), sqnr, f"{f.cosine:.5f}", f"{f.kl:.2e}", f"{f.max_abs:.2e}", ms, rate]
 
 
 def _header(run: EvalRun) -> list[str]:
@@ -73,7 +76,7 @@ _GATE_HEADER = ("recipe", "check", "actual", "limit", "result", "note")
 
 
 def text_report(run: EvalRun, gate: GateResult | None) -> str:
-    parts = _header(run) + ["", _plain_table([_row(r) for r in run.results], _COLUMNS)]
+    parts = _header(run) + ["", _plain_table([_row(r) for r in run.results], _COLUMNS), _RATE_NOTE]
     for r in run.results:
         if r.status != "ok":
             parts.append(f"{r.recipe}: {r.status}: {r.reason}")
@@ -90,7 +93,7 @@ def text_report(run: EvalRun, gate: GateResult | None) -> str:
 
 def markdown_report(run: EvalRun, gate: GateResult | None) -> str:
     parts = ["# edge-convnext evaluation", ""] + [f"- {h}" for h in _header(run)]
-    parts += ["", _md_table([_row(r) for r in run.results], _COLUMNS), ""]
+    parts += ["", _md_table([_row(r) for r in run.results], _COLUMNS), "", f"- {_RATE_NOTE}"]
     parts += [f"- `{r.recipe}`: {r.status}: {r.reason}" for r in run.results if r.status != "ok"]
     if any(r.stopped_by_budget for r in run.results):
         parts.append("- \\* stopped by `--budget`: measured on the first images only")

@@ -40,7 +40,8 @@ class ShardStore:
         if r.status != "ok" or r.stopped_by_budget:
             return
         meta = {"key": key, "shard": shard.label, "runner": r.runner, "emulated": r.emulated,
-                "run_seconds": r.run_seconds, "wall_seconds": r.wall_seconds, "identity": r.identity}
+                "run_seconds": r.run_seconds, "wall_seconds": r.wall_seconds, "loop_seconds": r.loop_seconds,
+                "identity": r.identity}
         buf = io.BytesIO()
         np.savez(buf, logits=r.logits.astype(np.float32), ids=np.asarray(r.ids, dtype=np.str_),
                  failed_ids=np.asarray(r.failed_ids, dtype=np.str_), meta=np.asarray(json.dumps(meta)))
@@ -72,7 +73,8 @@ class ShardStore:
             r = ShardResult(status="ok", runner=meta["runner"], emulated=bool(meta["emulated"]),
                             ids=[str(s) for s in z["ids"]], logits=z["logits"].astype(np.float32),
                             failed_ids=[str(s) for s in z["failed_ids"]], run_seconds=float(meta["run_seconds"]),
-                            wall_seconds=float(meta["wall_seconds"]), identity=meta["identity"])
+                            wall_seconds=float(meta["wall_seconds"]),
+                            loop_seconds=float(meta.get("loop_seconds", 0.0)), identity=meta["identity"])
         expected = [s.image_id for s in shard.samples]
         if meta["key"] != key or sorted(r.ids + r.failed_ids) != sorted(expected) or r.logits.shape[0] != len(r.ids):
             raise ValueError("contents do not match the shard it is named for")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 
 import numpy as np
@@ -112,6 +113,73 @@ def test_int8_sqnr(built, images):
     fid = compare(ref, open_runner(built("executorch-xnnpack-int8")[2]).run(x))
     assert fid.sqnr_db >= INT8_SQNR_FLOOR_DB, fid
     assert fid.top1_agreement >= 0.5, fid
+
+
+def test_the_int8_recipes_as_convert_builds_them(tmp_path):
+    """Static and dynamic int8 through the real pipeline (rewrites, float layers, migration, rounding):
+    one XNNPACK partition, the scheme the manifest names, and fidelity to the float reference."""
+    from conftest import convert_tiny
+    from edge_convnext.manifest import read_manifest
+
+    convert_tiny(tmp_path, "executorch-xnnpack-int8,executorch-xnnpack-dynamic-int8", reference_images=8,
+                 parity_images=8, calibration_images=16)
+    for name, scheme in (("executorch-xnnpack-int8", "PT2E static"), ("executorch-xnnpack-dynamic-int8", "PT2E dynamic")):
+        m = read_manifest(tmp_path / f"{name}.json")
+        low = m.lowering
+        assert low["quantization"]["scheme"].startswith(scheme), name
+        assert (low["partitions"], low["ops_outside_total"]) == (1, 0), name
+        want = {"fold_layer_scale": 5, "split_depthwise": 5} | ({} if "dynamic" in name else {"channels_first": 9})
+        assert low["rewrites"] == want
+        assert m.parity["sqnr_db"] >= INT8_SQNR_FLOOR_DB + 10, (name, m.parity)  # static measured 44.9 dB here
+
+
+def _quantized_graph(gm_model, plan, scope, dynamic=False):
+    ctx = types.SimpleNamespace(plan=plan, recipe=types.SimpleNamespace(name="t", options={"int8_scope": scope}),
+                                calibration_count=2, calibration_images=lambda n: (np.random.rand(1, 3, 224, 224)
+                                                                                   .astype(np.float32) for _ in range(n)),
+                                log=lambda m: None)
+    gm = torch.export.export(gm_model, (torch.rand(1, 3, 224, 224),)).module()
+    return et_backend._quantize_int8(gm, ctx, dynamic)[0]
+
+
+def test_the_annotation_filter_follows_the_plan_and_the_scope(tiny_weights):
+    """Float layers keep float weights, quantized ones get int8 weights; with scope 'compute' no residual
+    add output is quantized, with 'all' they are."""
+    from converters import rewrites
+    from converters.quant_plan import QuantPlan
+
+    model = rewrites.apply(export_model(tiny_weights.model, tiny_weights.preprocessing),
+                           ["fold_layer_scale", "split_depthwise", "channels_first"])[0]
+    plan = QuantPlan.for_model(model, ["stages.*.dwconv.*", "classifier"])
+    q = torch.ops.quantized_decomposed
+
+    def weight_quantized(gm):
+        out = {}
+        for n in gm.graph.nodes:
+            if n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
+                stack = n.meta.get("nn_module_stack") or {}
+                name = list(stack.values())[-1][0] if stack else ""
+                w = n.args[1]
+                out[name] = getattr(w, "target", None) in (q.dequantize_per_channel.default,
+                                                            q.dequantize_per_tensor.default)
+        return out
+
+    def quantized_residual_adds(gm):  # the block's own add (innermost module: the block) with int8 output
+        def block(n):
+            stack = n.meta.get("nn_module_stack") or {}
+            return bool(stack) and re.fullmatch(r"stages\.\d+\.layers\.\d+", list(stack.values())[-1][0])
+        return sum(1 for n in gm.graph.nodes if n.target is torch.ops.aten.add.Tensor and block(n)
+                   and any(u.target is q.quantize_per_tensor.default for u in n.users))
+
+    compute = _quantized_graph(model, plan, "compute")
+    wq = weight_quantized(compute)
+    assert all(wq[n] for n in plan.quantized), {n: wq.get(n) for n in plan.quantized}
+    assert not any(wq.get(n, False) for n in plan.float_layers)
+    assert not any(v for k, v in wq.items() if k.endswith("layernorm"))  # ChannelLayerNorm's mean convs stay float
+    assert quantized_residual_adds(compute) == 0
+    assert quantized_residual_adds(_quantized_graph(model, plan, "all")) > 0
+    with pytest.raises(Exception, match="int8_scope"):
+        _quantized_graph(model, plan, "everything")
 
 
 def test_xnnpack_takes_the_whole_graph_with_the_rewrite(built):

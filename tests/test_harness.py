@@ -191,6 +191,36 @@ def test_unreadable_image_is_counted_and_the_run_goes_on(built, subset, tmp_path
     assert r.status == "ok" and r.failed == 1 and r.failed_ids == [broken] and r.images == REF_IMAGES - 1
 
 
+@pytest.mark.parametrize("artifact", ["tflite-fp32.tflite", "executorch-xnnpack-fp32.pte"])
+def test_overlapped_decoding_gives_the_sequential_results_bit_for_bit(built, subset, tmp_path, artifact):
+    from edge_convnext.dataset import Sample
+    from edge_convnext.shards import ArtifactJob, Shard, ShardSettings, run_shard
+
+    samples = list(subset.split("evaluation")[:37])  # not a multiple of the batch: a short last batch
+    broken = tmp_path / "broken.JPEG"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    samples[9] = Sample("broken.JPEG", broken, 0)
+    m = read_manifest(manifest_path(built / artifact))
+    job = ArtifactJob(str(built / artifact), m.recipe, m.format, m.precision, m.sha256, m.size_bytes)
+    settings = ShardSettings(Preprocessing().to_dict(), threads=2)
+    runs = {n: run_shard(Shard(job, 0, tuple(samples)), settings, decode_threads=n) for n in (0, 1, 3)}
+    inline = runs[0]
+    assert inline.status == "ok" and inline.failed_ids == ["broken.JPEG"] and len(inline.ids) == 36
+    for n, r in runs.items():  # a bad image is counted as failed, and every logit is the inline run's
+        assert r.status == "ok" and r.ids == inline.ids and r.failed_ids == inline.failed_ids, n
+        assert np.array_equal(r.logits, inline.logits), n
+        assert r.loop_seconds > 0
+
+
+def test_eval_reports_images_per_second(built, capsys):
+    assert main(["eval", str(built / "tflite-fp32.tflite"), "--limit", "16", "--decode-threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "img/s" in out and "images evaluated per second of the image loop" in out
+    run = evaluate_paths([built / "tflite-fp32.tflite"], EvalOptions(limit=16, decode_threads=0))
+    r = run.results[0]
+    assert r.images == 16 and r.images_per_second > 0 and r.to_dict()["images_per_second"] == r.images_per_second
+
+
 def test_wrong_input_shape_is_refused(built, tmp_path, tiny_weights):
     litert_torch = pytest.importorskip("litert_torch")
     out = _dir_with_reference(built, tmp_path / "small")

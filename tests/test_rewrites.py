@@ -24,13 +24,16 @@ def model_and_images(tiny_weights, subset):
     return model, torch.from_numpy(x)
 
 
-@pytest.mark.parametrize("names", [["fold_layer_scale"], ["tile_depthwise"], ["fold_layer_scale", "tile_depthwise"]])
+@pytest.mark.parametrize("names", [["fold_layer_scale"], ["split_depthwise"], ["channels_first"],
+                                   ["fold_layer_scale", "split_depthwise", "channels_first"],
+                                   ["channels_first", "fold_layer_scale", "split_depthwise"]])
 def test_rewrites_are_float_equal(model_and_images, names):
     model, x = model_and_images
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rewritten, counts = rewrites.apply(model, names)
     blocks = sum(len(stage.layers) for stage in model.stages)
-    assert counts == dict.fromkeys(names, blocks)  # every block rewritten
+    norms = blocks + 1 + sum(len(stage.downsampling_layer) == 2 for stage in model.stages)  # + stem, downsampling
+    assert counts == {n: norms if n == "channels_first" else blocks for n in names}  # every block rewritten
     with torch.no_grad():
         ref, got = model(x), rewritten(x)
     assert ref.std() > 1.0  # spread logits: the bound below means something
@@ -39,21 +42,51 @@ def test_rewrites_are_float_equal(model_and_images, names):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_fold_removes_the_layer_scale_and_tiling_uses_only_5x5_depthwise_convs(model_and_images):
+def test_fold_removes_the_layer_scale_and_the_split_leaves_only_small_centred_depthwise_convs(model_and_images):
     model, _ = model_and_images
-    rewritten, _ = rewrites.apply(model, ["fold_layer_scale", "tile_depthwise"])
+    rewritten, _ = rewrites.apply(model, ["fold_layer_scale", "split_depthwise"])
     blocks = [layer for stage in rewritten.stages for layer in stage.layers]
     assert all(b.layer_scale_parameter is None for b in blocks)
     convs = [m for b in blocks for m in b.dwconv.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert len(convs) == 4 * len(blocks) and {c.kernel_size for c in convs} == {(5, 5)}
+    assert len(convs) == 3 * len(blocks)
+    assert {(c.kernel_size, c.dilation) for c in convs} == {((5, 5), (1, 1)), ((2, 7), (6, 1)), ((5, 2), (1, 6))}
+    # 49 taps in all per block (each kernel weight exactly once), none above XNNPACK's 25-tap kernels
+    assert all(c.kernel_size[0] * c.kernel_size[1] <= 25 for c in convs)
+    assert sum(c.kernel_size[0] * c.kernel_size[1] for c in convs) == 49 * len(blocks)
     assert all(c.groups == c.in_channels for c in convs)
 
 
-def test_tiling_refuses_what_it_cannot_rewrite_exactly():
+@pytest.mark.parametrize("k", [5, 7, 9])
+def test_split_depthwise_equals_the_original_kernel(k):
+    torch.manual_seed(k)
+    conv = torch.nn.Conv2d(12, 12, k, padding=k // 2, groups=12)
+    x = torch.randn(2, 12, 15, 9)  # non-square, smaller than the kernel's reach at the borders
+    with torch.no_grad():
+        assert (rewrites.SplitDepthwise(conv)(x) - conv(x)).abs().max().item() <= 1e-5
+
+
+def test_channels_first_keeps_every_layer_name_and_weight(model_and_images):
+    """A layout pass: the quantizable layers keep their names and weights (1x1 convs hold the linears' weights)."""
+    from converters.quant_plan import quantizable_layers
+
+    model, _ = model_and_images
+    rewritten, _ = rewrites.apply(model, ["channels_first"])
+    before, after = dict(quantizable_layers(model)), dict(quantizable_layers(rewritten))
+    assert list(before) == list(after)
+    for name, m in before.items():
+        assert torch.equal(m.weight.reshape(after[name].weight.shape), after[name].weight), name
+    blocks = [layer for stage in rewritten.stages for layer in stage.layers]
+    assert all(isinstance(b.pwconv1, torch.nn.Conv2d) and b.pwconv1.kernel_size == (1, 1) for b in blocks)
+    assert "channels_first" in rewrites.LAYOUT_PASSES
+
+
+def test_the_split_refuses_what_it_cannot_rewrite_exactly():
     with pytest.raises(ValueError, match="depthwise"):
-        rewrites.TiledDepthwise(torch.nn.Conv2d(8, 8, 7, padding=3), 5)  # not depthwise
+        rewrites.SplitDepthwise(torch.nn.Conv2d(8, 8, 7, padding=3))  # not depthwise
     with pytest.raises(ValueError, match="depthwise"):
-        rewrites.TiledDepthwise(torch.nn.Conv2d(8, 8, 7, stride=2, padding=3, groups=8), 5)
+        rewrites.SplitDepthwise(torch.nn.Conv2d(8, 8, 7, stride=2, padding=3, groups=8))
+    with pytest.raises(ValueError, match="depthwise"):
+        rewrites.SplitDepthwise(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8))  # nothing to split
     with pytest.raises(ValueError, match="unknown rewrite"):
         rewrites.apply(torch.nn.Identity(), ["fuse_everything"])
 
@@ -65,12 +98,13 @@ def test_a_recipe_option_applies_rewrites_and_the_manifest_records_them(tmp_path
     from edge_convnext.manifest import read_manifest
     from edge_convnext.recipes import get_recipe
 
-    recipe = dataclasses.replace(get_recipe("tflite-fp32"), options={"rewrites": ["fold_layer_scale", "tile_depthwise"]})
+    recipe = dataclasses.replace(get_recipe("tflite-fp32"), options={"rewrites": ["fold_layer_scale", "split_depthwise"]})
     monkeypatch.setattr(build, "select_recipes", lambda spec: [recipe])
     report = convert(ConvertOptions(weights="random:0:convnext-test", recipes="tflite-fp32", out=tmp_path,
                                     reference_images=8, parity_images=4), echo=lambda s: None)
     assert report.ok, [o.error for o in report.outcomes]
     m = read_manifest(tmp_path / "tflite-fp32.json")
-    assert m.lowering["rewrites"] == {"fold_layer_scale": 5, "tile_depthwise": 5}
+    assert m.lowering["rewrites"] == {"fold_layer_scale": 5, "split_depthwise": 5}
     assert m.parity["passed"] and m.parity["max_abs"] <= 1e-3
-    assert m.lowering["ops"]["DEPTHWISE_CONV_2D"] == 4 * 5
+    assert m.lowering["ops"]["DEPTHWISE_CONV_2D"] == 3 * 5
+    assert "PAD" not in m.lowering["ops"] and "SLICE" not in m.lowering["ops"]  # "same" padding in every piece

@@ -71,6 +71,7 @@ import numpy as np
 import torch
 
 from converters.backends import coreml_compress as cc
+from converters.backends.fp16 import fp16_entry
 from converters.context import BuildContext, BuildResult
 from edge_convnext import __version__
 from edge_convnext.contract import CROP, OUTPUT_CONTRACTS
@@ -138,6 +139,7 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
     lowering["minimum_macos"] = _MACOS[target]
     lowering["build_seconds"] = round(time.perf_counter() - t0, 1)
     lowering["package_bytes"] = cc.package_bytes(out)
+    lowering["fp16"] = fp16_entry(recipe, out)
     result.lowering = lowering
     if kind == "p4" and lowering["package_bytes"] > P4_BUDGET_BYTES:
         result.notes.append(f"coreml-p4 is {lowering['package_bytes'] / 1e6:.1f} MB, over the "

@@ -36,7 +36,7 @@ import operator
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,9 @@ from executorch.exir.backend.partitioner import Partitioner, PartitionResult
 from torch.export import ExportedProgram
 
 from converters.backends.executorch_rewrite import RewriteCount, rewrite_for_xnnpack
+from converters.backends.fp16 import fp16_entry
 from converters.context import BuildContext, BuildResult
+from converters.quant_plan import QuantPlan
 from edge_convnext.errors import EdgeConvNextError
 from edge_convnext.recipes import Recipe
 from edge_convnext.runners.executorch import CONTRACT_METHOD, LABELS_METHOD, MANIFEST_METHOD
@@ -65,15 +67,11 @@ COREML_MIN_TARGET = "iOS16"
 @dataclass(frozen=True)
 class _Plan:
     delegate: str | None  # "xnnpack", "coreml" or None (portable)
-    int8: bool = False
+    int8: bool = False  # PT2E int8 (static, or dynamic with ``dynamic``)
+    dynamic: bool = False  # activations quantized per row at run time (XNNPACK qd8), no calibration
 
 
-_PLANS = {
-    "executorch-xnnpack-fp32": _Plan("xnnpack"),
-    "executorch-xnnpack-int8": _Plan("xnnpack", int8=True),
-    "executorch-portable-fp32": _Plan(None),
-    "executorch-coreml-fp16": _Plan("coreml"),
-}
+_DELEGATES = ("xnnpack", "coreml", None)
 
 
 def build(ctx: BuildContext, out: Path) -> BuildResult:
@@ -98,7 +96,7 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
     ep = torch.export.export(copy.deepcopy(ctx.model).eval(), example)
     gm: torch.fx.GraphModule = ep.module()  # type: ignore[assignment]  # a copy: rewrites stay off ctx.model
     if plan.int8:
-        gm, result.calibration_used = _quantize_int8(gm, ctx)
+        gm, result.calibration_used = _quantize_int8(gm, ctx, plan.dynamic)
     ctx.log(f"exported{' and quantized' if plan.int8 else ''} in {time.perf_counter() - t0:.1f} s")
 
     other = None
@@ -131,7 +129,8 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
     out.write_bytes(buffer)
     ctx.log(f"serialized {len(buffer) / 1e6:.1f} MB in {time.perf_counter() - t2:.1f} s")
 
-    result.lowering = _finish_report(lowering, plan, ln_rewrite, rewrite, other)
+    result.lowering = _finish_report(lowering, plan, ln_rewrite, rewrite, other,
+                                     str(recipe.options.get("int8_scope", "all"))) | {"fp16": fp16_entry(recipe, out)}
     result.embedded = {
         "manifest": f"constant method {MANIFEST_METHOD}() -> str (UTF-8 JSON)",
         "labels": f"constant method {LABELS_METHOD}() -> str (class names, one per line, line i = class i)",
@@ -169,12 +168,13 @@ def _tempdir(path: Path) -> Iterator[None]:
 
 
 def _plan(recipe: Recipe) -> _Plan:
-    try:
-        return _PLANS[recipe.name]
-    except KeyError:
-        raise EdgeConvNextError(
-            f"{recipe.name}: no ExecuTorch build plan for this recipe; known: {', '.join(_PLANS)}"
-        ) from None
+    """The recipe's ``delegate`` option (None: portable kernels) and whether its precision is int8."""
+    delegate = recipe.options.get("delegate")
+    if delegate not in _DELEGATES or recipe.precision not in ("fp32", "fp16", "int8", "dynamic-int8"):
+        raise EdgeConvNextError(f"{recipe.name}: no ExecuTorch build for delegate {delegate!r} and precision "
+                                f"{recipe.precision!r}; delegates: {', '.join(map(str, _DELEGATES))}")
+    dynamic = recipe.precision == "dynamic-int8"
+    return _Plan(delegate, int8=recipe.precision == "int8" or dynamic, dynamic=dynamic)
 
 
 def _partitioners(plan: _Plan) -> list[Partitioner]:
@@ -198,16 +198,25 @@ def _partitioners(plan: _Plan) -> list[Partitioner]:
     return []
 
 
-def _quantize_int8(gm: torch.fx.GraphModule, ctx: BuildContext) -> tuple[torch.fx.GraphModule, int]:
-    """PT2E static int8 for XNNPACK, calibrated on real calibration-split images only."""
+def _quantize_int8(gm: torch.fx.GraphModule, ctx: BuildContext, dynamic: bool) -> tuple[torch.fx.GraphModule, int]:
+    """PT2E int8 for XNNPACK: static (calibrated on calibration-split images only) or dynamic (qd8)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
+    quantizer = XNNPACKQuantizer().set_global(config)
+    quantizer.set_filter_function(_annotation_filter(ctx.plan, str(ctx.recipe.options.get("int8_scope", "all"))))
     prepared = prepare_pt2e(gm, quantizer)
+    if dynamic:
+        # The weight observers still have to see the weights once (activation ranges are taken at run
+        # time); without this pass every per-channel weight scale is the observer default of size 1.
+        example = [torch.zeros(n.meta["val"].shape) for n in prepared.graph.nodes if n.op == "placeholder"]
+        with torch.no_grad():
+            prepared(*example)
+        return convert_pt2e(prepared), 0
     ctx.log(f"calibrating on up to {ctx.calibration_count} calibration-split images")
     used = 0
     with torch.no_grad():
@@ -217,6 +226,41 @@ def _quantize_int8(gm: torch.fx.GraphModule, ctx: BuildContext) -> tuple[torch.f
     if used == 0:
         raise EdgeConvNextError(f"{ctx.recipe.name}: no calibration image could be read; cannot calibrate int8")
     return convert_pt2e(prepared), used
+
+
+_LAYER_TARGETS = {torch.ops.aten.conv2d.default, torch.ops.aten.linear.default, torch.ops.aten.convolution.default}
+INT8_SCOPES = ("all", "compute")
+
+
+def _annotation_filter(plan: QuantPlan | None, scope: str) -> Callable[[torch.fx.Node], bool]:
+    """PT2E node filter: which nodes the XNNPACK quantizer may annotate.
+
+    A conv/linear node is quantized when the innermost module of its ``nn_module_stack`` is a layer the
+    plan quantizes (torch module names, as in the plan); other convs (a `ChannelLayerNorm`'s mean
+    kernels) stay float. Other ops (residual adds, muls) are quantized only with scope ``"all"``, and
+    not inside a module whose conv/linear layers are all float (the adds joining float depthwise
+    pieces), so no quantize/dequantize pair sits between float ops. Scope ``"compute"`` keeps them
+    float, like LiteRT's ``compute`` scope: the residual stream stays float32.
+    """
+    if scope not in INT8_SCOPES:
+        raise EdgeConvNextError(f"int8_scope {scope!r} is not one of {INT8_SCOPES}")
+    quantized = set(plan.quantized) if plan is not None else None
+    floats = set(plan.float_layers) if plan is not None else set()
+    all_float = {prefix for prefix in {n.rsplit(".", 1)[0] for n in floats}
+                 if plan is not None and all(x in floats for x in plan.layers if x.startswith(prefix + "."))}
+
+    def keep(node: torch.fx.Node) -> bool:
+        stack = node.meta.get("nn_module_stack") or {}
+        name = list(stack.values())[-1][0] if stack else ""
+        if node.op != "call_function":
+            # The annotators ask about every node of a pattern, its weight and bias attributes too;
+            # those follow the layer's own answer.
+            return True
+        if node.target in _LAYER_TARGETS:
+            return quantized is None or name in quantized
+        return scope == "all" and name not in floats and name not in all_float
+
+    return keep
 
 
 def _reexport(gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], rewrite: bool) -> ExportedProgram:
@@ -314,7 +358,7 @@ def lowering_report(edge: EdgeProgramManager, method: str = "forward") -> dict[s
 
 
 def _finish_report(lowering: dict[str, Any], plan: _Plan, applied: bool, rewrite: RewriteCount | None,
-                   other: dict[str, Any] | None) -> dict[str, Any]:
+                   other: dict[str, Any] | None, scope: str = "all") -> dict[str, Any]:
     report = dict(lowering)
     if plan.delegate == "xnnpack":
         built = {k: lowering[k] for k in ("partitions", "ops_outside_total", "ops_outside_delegate", "ops_total")}
@@ -329,12 +373,19 @@ def _finish_report(lowering: dict[str, Any], plan: _Plan, applied: bool, rewrite
     if plan.delegate == "coreml":
         report["coreml"] = {"compute_precision": "fp16", "minimum_deployment_target": COREML_MIN_TARGET,
                             "compute_units": "ALL", "model_type": "mlpackage (compiled on device)"}
-    if plan.int8:
-        report["quantization"] = {"scheme": "PT2E static int8", "quantizer": "XNNPACKQuantizer",
+    if plan.int8 and plan.dynamic:
+        report["quantization"] = {"scheme": "PT2E dynamic int8 (XNNPACK qd8)", "quantizer": "XNNPACKQuantizer",
+                                  "weights": "symmetric per-channel int8",
+                                  "activations": "each conv/linear input quantized per row at run time; float32 "
+                                                 "outputs, everything else float32"}
+    elif plan.int8:
+        report["quantization"] = {"scheme": "PT2E static int8", "quantizer": "XNNPACKQuantizer", "int8_scope": scope,
                                   "weights": "symmetric per-channel int8", "activations": "per-tensor int8",
                                   "float_ops": "LayerNorm, GELU and the global mean run in float32 between "
                                                "dequantize/quantize pairs (XNNPACK has no int8 GELU; the "
-                                               "quantizer leaves LayerNorm unquantized)"}
+                                               "quantizer leaves LayerNorm unquantized)"
+                                               + ("; so do the residual adds (int8_scope 'compute')"
+                                                  if scope == "compute" else "")}
     return report
 
 

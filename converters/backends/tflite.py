@@ -37,8 +37,10 @@ import torch
 
 from converters.backends import tflite_flatbuffer as fb
 from converters.backends import tflite_metadata as tmd
+from converters.backends.fp16 import fp16_entry
 from converters.backends.tflite_lowering import lowering_report
 from converters.context import BuildContext, BuildResult
+from converters.quant_plan import quantizable_layers
 from edge_convnext import __version__
 from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS
 from edge_convnext.errors import EdgeConvNextError
@@ -114,6 +116,7 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
         **lowering_report(out, threads=2),
         "example_check": check,
         "timings": timings,
+        "fp16": fp16_entry(ctx.recipe, out),
     }
     ctx.log(f"{out.stat().st_size / 1e6:.1f} MB, {result.lowering['xnnpack']['partitions']} XNNPACK partition(s), "
             f"example image max |logit - torch| = {check['max_abs_vs_torch']:.3g}")
@@ -180,7 +183,10 @@ def _dynamic_int8(ctx: BuildContext, model: bytes, result: BuildResult) -> tuple
 
     ctx.log("dynamic-range int8 (ai-edge-quantizer dynamic_wi8_afp32)")
     q = quantizer.Quantizer(model, recipe.dynamic_wi8_afp32())
+    kept = _keep_float(ctx, q, model)
     return _quantize(q), {"quantization": {"tool": "ai-edge-quantizer", "recipe": "dynamic_wi8_afp32",
+                                           "float_ops": kept,
+                                           "float_ops_storage": "float32 compute, float16 weights" if kept else None,
                                            "config": _jsonable(q.get_quantization_recipe())}}
 
 
@@ -202,7 +208,9 @@ def _static(ctx: BuildContext, model: bytes, result: BuildResult, activation_bit
     model, flattened = fb.flatten_fc_biases(model)
     q = quantizer.Quantizer(model)
     head = _static_recipe(q, model, activation_bits, scope)
+    kept = _keep_float(ctx, q, model)
     qsvs, used = _calibrate(ctx, model, q.get_quantization_recipe())
+    ranged = _torch_ranges(ctx, model, qsvs)
     result.calibration_used = used
     ctx.log(f"static int{activation_bits} activations ({scope}), calibrated on {used} images")
     if flattened:
@@ -211,13 +219,19 @@ def _static(ctx: BuildContext, model: bytes, result: BuildResult, activation_bit
     if head:
         result.notes.append("classifier FULLY_CONNECTED is dynamic-range int8 (int8 weights, float32 logits): "
                             "logits are not clipped to the range seen in calibration")
-    result.notes.append("activation ranges: absolute min/max over all calibration images (ai-edge-quantizer's "
-                        "default moving average keeps mostly the first images' ranges and clipped the logits)")
+    if ranged:
+        result.notes.append(f"activation ranges of {ranged} conv/fully-connected input and output tensors chosen on the "
+                            "torch side (lowering.activation_ranges); the others: absolute min/max over the calibration images")
+    else:
+        result.notes.append("activation ranges: absolute min/max over all calibration images (ai-edge-quantizer's "
+                            "default moving average keeps mostly the first images' ranges and clipped the logits)")
     return _quantize(q, qsvs), {"quantization": {
         "tool": "ai-edge-quantizer",
         "recipe": f"static_wi8_ai{activation_bits} with per-op settings",
         "activation_scope": scope,
-        "calibration": {"images": used, "ranges": "absolute min/max"},
+        "float_ops": kept,
+        "float_ops_storage": "float32 compute, float16 weights" if kept else None,
+        "calibration": {"images": used, "ranges": "absolute min/max", "tensors_ranged_on_torch_side": ranged},
         "config": _jsonable(q.get_quantization_recipe()),
     }}
 
@@ -248,6 +262,58 @@ def _static_recipe(q: Any, model: bytes, activation_bits: int, scope: str) -> bo
         return False
     q.add_dynamic_config(fb.scope_regex(head[0][1]), op.FULLY_CONNECTED, num_bits=8)
     return True
+
+
+def _keep_float(ctx: BuildContext, q: Any, model: bytes) -> dict[str, str]:
+    """Float compute for every float layer of ``ctx.plan``, its weights stored as float16 -> {layer: TFLite op}.
+
+    Torch layer names are paired with the ops of ``model`` (the float flatbuffer) by
+    `tflite_flatbuffer.layer_ops`; the entries come after the recipe's own, so they win. The weights are
+    stored float16 and dequantized once at load (XNNPACK folds the DEQUANTIZE of a constant), so a float
+    layer costs half the bytes of float32 and computes exactly as a float32 one with those weights
+    (float16 weights: ~66 dB weight SQNR, far above the int8 layers around it).
+    """
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    if ctx.plan is None or not ctx.plan.float_layers:
+        return {}
+    ops = _layer_ops(ctx, model)
+    for name in ctx.plan.float_layers:
+        op = ops[name]
+        q.add_weight_only_config(fb.scope_regex(op.output), qtyping.TFLOperationName(op.kind), 16,
+                                 algorithm_key=AlgorithmName.FLOAT_CASTING)
+    return {name: ops[name].kind for name in ctx.plan.float_layers}
+
+
+def _layer_ops(ctx: BuildContext, model: bytes) -> dict[str, fb.LayerOp]:
+    return fb.layer_ops(model, [(n, type(m).__name__) for n, m in quantizable_layers(ctx.model)])
+
+
+def _torch_ranges(ctx: BuildContext, model: bytes, qsvs: dict[str, Any]) -> int:
+    """Replace the calibrator's min/max of every layer input/output tensor by ``ctx.activation_ranges``
+    (chosen on the torch side, `converters.prepare`); returns how many tensors were set.
+
+    The torch points and the TFLite tensors are the same activations of the same graph (the layers are
+    paired by `tflite_flatbuffer.layer_ops`), so only the range estimator differs from the calibrator's.
+    """
+    if not ctx.activation_ranges:
+        return 0
+    ops = _layer_ops(ctx, model)
+    quantized = set(ctx.plan.quantized) if ctx.plan is not None else set(ops)
+    set_ = 0
+    for point, (lo, hi) in ctx.activation_ranges.items():
+        if point.layer not in quantized:  # a float layer (e.g. kept float by an accuracy target): no range
+            continue
+        op = ops[point.layer]
+        tensor = op.input if point.where == "input" else op.output
+        if tensor not in qsvs:
+            raise TFLiteBuildError(f"no calibration values for tensor {tensor!r} ({point}): cannot set its range")
+        old = qsvs[tensor]
+        qsvs[tensor] = {**old, "min": np.full_like(np.asarray(old["min"], dtype=np.float32), lo),
+                        "max": np.full_like(np.asarray(old["max"], dtype=np.float32), hi)}
+        set_ += 1
+    return set_
 
 
 def _calibrate(ctx: BuildContext, model: bytes, quant_recipe: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:

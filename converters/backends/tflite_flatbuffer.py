@@ -7,7 +7,8 @@ Uses the flatbuffer object API shipped with ``ai_edge_litert`` (``schema_py_gene
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
@@ -73,6 +74,48 @@ def output_ops(model: bytes, depth: int = 2) -> list[tuple[str, str]]:
         chain.append((fbu.opcode_to_name(m, op.opcodeIndex) or "?", sg.tensors[tensor].name.decode("utf-8")))
         tensor = op.inputs[0]
     return chain
+
+
+_LAYER_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
+
+
+class LayerOp(NamedTuple):
+    """The TFLite op a torch layer became: op name and the names of its activation input and output."""
+
+    kind: str
+    output: str
+    input: str
+
+
+def layer_ops(model: bytes, layers: Sequence[tuple[str, str]]) -> dict[str, LayerOp]:
+    """Torch layer name -> the `LayerOp` it became, for a litert-torch conversion.
+
+    ``layers``: (module name, class name) of every conv/linear of the converted module in network order
+    (`converters.quant_plan.quantizable_layers`), e.g. ``("stages.2.layers.4.pwconv1", "Linear")``.
+    litert-torch names each op's output after the chain of module calls that made it, one
+    ``<Class>_<attribute>`` per call (``.../ConvNextStage_2/ConvNextLayer_4/Linear_pwconv1;2``), so the
+    CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED ops, in graph order, pair with the layers in network
+    order; each pair is checked by its last scope (class and attribute) and its stage/layer indices.
+    Raises ValueError when the graph does not pair up (a converter that renamed or fused layers).
+    """
+    m = _read(model)
+    sg = m.subgraphs[0]
+    ops = [LayerOp(kind, sg.tensors[op.outputs[0]].name.decode("utf-8"), sg.tensors[op.inputs[0]].name.decode("utf-8"))
+           for op in sg.operators if (kind := fbu.opcode_to_name(m, op.opcodeIndex) or "") in _LAYER_OPS]
+    if len(ops) != len(layers):
+        raise ValueError(f"{len(ops)} conv/fully-connected ops in the .tflite, {len(layers)} conv/linear layers "
+                         "in the torch model: cannot pair them")
+    out: dict[str, LayerOp] = {}
+    for (name, cls), op in zip(layers, ops):
+        tensor = op.output
+        scopes = [part for part in tensor.split(";")[0].split("/")]
+        leaf = f"{cls}_{name.rsplit('.', 1)[-1]}"
+        indices = re.findall(r"(?:stages|layers)\.(\d+)", name)
+        found = re.findall(r"(?:Stage|Layer)_(\d+)", tensor.split(";")[0])
+        if not scopes[-1].endswith(leaf) or (indices and indices != found[-len(indices):]):
+            raise ValueError(f"layer {name} ({cls}) does not pair with the .tflite op writing {tensor!r}")
+        out[name] = op
+    return out
 
 
 def scope_regex(tensor_name: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,13 +113,14 @@ class CoreMLEmulator:
             if name not in self._graph.outputs:
                 raise ArtifactError(f"{self.path}: spec output '{name}' is not an output of the ML program")
 
-    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(self, inputs: Mapping[str, np.ndarray], keep: Collection[str] = ()) -> dict[str, np.ndarray]:
         """Run one batch: ``inputs`` maps every input name to an array of its spec shape.
 
         An image input is an array of 8-bit pixel values (integers 0..255, float or integer dtype),
         NCHW, channels in the spec's color order. Returns every output as a float32 array (a
         classifier's label output stays a 0-d array of the label; its probabilities, a dictionary in
-        Core ML, are returned as a vector in the order of `class_labels`).
+        Core ML, are returned as a vector in the order of `class_labels`), plus the intermediate
+        values named in ``keep`` (MIL op output names), as the program computed them.
         """
         missing = [n for n in self.input_names if n not in inputs]
         unknown = [n for n in inputs if n not in self._contracts]
@@ -143,8 +144,8 @@ class CoreMLEmulator:
                 _check_pixels(self.path, name, arr)
             feeds[name] = arr
         with _blas_limit(self.blas_threads):
-            results = self._graph.run(feeds)
-        return {name: _as_output(results[name]) for name in self.output_names}
+            results = self._graph.run(feeds, keep)
+        return {name: _as_output(results[name]) for name in (*self.output_names, *keep)}
 
     def __repr__(self) -> str:
         return f"CoreMLEmulator({str(self.path)!r}, precision={self.precision!r})"

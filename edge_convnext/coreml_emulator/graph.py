@@ -6,7 +6,7 @@ every op bound to its kernel), then run per prediction without touching coremlto
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,8 +72,12 @@ class Graph:
     steps: tuple[Step, ...]
     constants: Mapping[str, Any]  # constants that are themselves program outputs
 
-    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        """Execute on ``feeds`` (already of the input dtypes); returns every program output."""
+    def run(self, feeds: Mapping[str, Any], keep: Collection[str] = ()) -> dict[str, Any]:
+        """Execute on ``feeds`` (already of the input dtypes); returns every program output, and the
+        intermediate values named in ``keep`` (op output var names, e.g. for a per-layer error report)."""
+        unknown = set(keep) - {name for step in self.steps for name in step.outputs}
+        if unknown:
+            raise KeyError(f"no op of the program computes {sorted(unknown)}")
         env: dict[str, Any] = {name: to_dtype(feeds[name], dt) for name, dt in self.inputs.items()}
         env.update(self.constants)
         # Device semantics: fp16 overflow gives inf, 0/0 gives nan, silently.
@@ -99,8 +103,9 @@ class Graph:
                             f"'{name}' of shape {np.shape(env[name])}, the program declares {shape}"
                         )
                 for name in step.frees:
-                    env.pop(name, None)
-        return {name: env[name] for name in self.outputs}
+                    if name not in keep:
+                        env.pop(name, None)
+        return {name: env[name] for name in (*self.outputs, *keep)}
 
 
 def last_uses(steps: list[Step], keep: set[str]) -> list[tuple[str, ...]]:

@@ -1,0 +1,67 @@
+"""``convert --min-sqnr/--min-agreement``: the fewest, most sensitive layers stay float until the target is met."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import convert_tiny  # noqa: E402
+from converters.accuracy_target import AccuracyTarget, smallest_k  # noqa: E402
+from edge_convnext.manifest import read_manifest  # noqa: E402
+
+pytestmark = pytest.mark.convert
+
+
+@pytest.mark.parametrize("need", [1, 2, 3, 5, 8, 13, 20])
+def test_smallest_k_finds_the_first_k_that_meets(need):
+    calls = []
+
+    def meets(k: int) -> bool:
+        calls.append(k)
+        return k >= need
+
+    assert smallest_k(list(range(20)), AccuracyTarget(1.0), meets) == need
+    assert len(calls) <= 2 * 5 + 2  # doubling then bisection: logarithmic
+
+
+def test_smallest_k_says_when_nothing_meets():
+    assert smallest_k(list(range(7)), AccuracyTarget(1.0), lambda k: False) is None
+
+
+def test_a_target_needs_a_bound_and_a_fraction():
+    with pytest.raises(ValueError, match="needs"):
+        AccuracyTarget()
+    with pytest.raises(ValueError, match="fraction"):
+        AccuracyTarget(min_agreement=95)
+
+
+def test_convert_keeps_sensitive_layers_float_until_the_target_is_met(tmp_path):
+    convert_tiny(tmp_path / "base", "tflite-int8", reference_images=8, parity_images=4, calibration_images=32)
+    base = read_manifest(tmp_path / "base" / "tflite-int8.json")
+    convert_tiny(tmp_path / "t", "tflite-int8", reference_images=8, parity_images=4, calibration_images=32,
+                 target=AccuracyTarget(min_sqnr_db=43.0))
+    m = read_manifest(tmp_path / "t" / "tflite-int8.json")
+    rec = m.lowering["accuracy_target"]
+    assert rec["min_sqnr_db"] == 43.0 and rec["before"]["sqnr_db"] < 43.0  # the tiny int8 model: ~38 dB
+    chosen = rec["float_layers"]
+    assert chosen, "a 43 dB target on int8 must keep layers float"
+    # the most sensitive first, as ranked; every one recorded in the plan with its reason
+    sens = rec["sensitivity_alone_sqnr_db"]
+    assert [sens[n] for n in chosen] == sorted(sens[n] for n in chosen)
+    reasons = {f["name"]: f["reason"] for f in m.lowering["float_layers"]["float_layers"]}
+    assert all(reasons[n] == "accuracy target" for n in chosen)
+    # the artifact really has more float fully-connected/conv ops than the recipe's default
+    def float_compute(man):
+        return sum(v for k, v in man.lowering["ops_by_dtype"].items()
+                   if k.split(" ")[0] in ("FULLY_CONNECTED", "CONV_2D") and "w:float32" in k)
+    assert float_compute(m) == float_compute(base) + len(chosen)
+    assert rec["after"]["sqnr_db"] > rec["before"]["sqnr_db"]
+    assert rec["met"] == (rec["after"]["sqnr_db"] >= 43.0)
+    assert rec["cost"]["bytes"] > 0 and set(rec["cost"]["latency_ms"]) >= {"without", "with"}
+    assert rec["after"]["images"] >= 8  # held-out calibration images (test_quant_choices checks they are not evaluation ones)
+
+
+def test_float_recipes_ignore_the_target(tmp_path):
+    convert_tiny(tmp_path, "tflite-fp32", reference_images=8, parity_images=4, target=AccuracyTarget(min_sqnr_db=60.0))
+    assert "accuracy_target" not in read_manifest(tmp_path / "tflite-fp32.json").lowering

@@ -1,0 +1,190 @@
+"""Choices on held-out calibration images: the float-layer plan, LayerNorm migration, activation ranges."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import convert_tiny  # noqa: E402
+from converters import rewrites  # noqa: E402
+from converters.act_quant import (  # noqa: E402
+    ESTIMATORS,
+    Observation,
+    Point,
+    fake_quant,
+    fake_quant_rows,
+    observe,
+    qparams,
+    simulate,
+    static_points,
+)
+from converters.calibrate import HeldOut, choose, measure  # noqa: E402
+from converters.model import export_model  # noqa: E402
+from converters.quant_plan import QuantPlan  # noqa: E402
+from converters.smoothing import activation_absmax, norm_pairs, smooth  # noqa: E402
+from edge_convnext.errors import EdgeConvNextError  # noqa: E402
+
+pytestmark = pytest.mark.convert
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_weights):
+    """The tiny export model (probabilities out) after the LiteRT/ExecuTorch rewrites."""
+    model = export_model(tiny_weights.model, tiny_weights.preprocessing)
+    return rewrites.apply(model, ["fold_layer_scale", "split_depthwise"])[0]
+
+
+@pytest.fixture(scope="module")
+def images(tiny_calibration):
+    return list(tiny_calibration(40))
+
+
+@pytest.fixture(scope="module")
+def logits_model(tiny_weights):
+    return export_model(tiny_weights.model, tiny_weights.preprocessing, probabilities=False)
+
+
+def test_the_plan_resolves_patterns_in_network_order_and_refuses_unknown_ones(tiny_model):
+    plan = QuantPlan.for_model(tiny_model, ["classifier", "stages.*.dwconv.*", "embeddings.patch_embeddings"])
+    assert plan.float_layers[0] == "embeddings.patch_embeddings" and plan.float_layers[-1] == "classifier"
+    assert len([n for n in plan.float_layers if ".dwconv." in n]) == 3 * 5  # three pieces per block
+    assert set(plan.quantized) | set(plan.float_layers) == set(plan.layers)
+    assert not set(plan.quantized) & set(plan.float_layers)
+    more = plan.with_float(["stages.0.layers.0.pwconv1"], "accuracy target")
+    assert more.reasons["stages.0.layers.0.pwconv1"] == "accuracy target" and more.reasons["classifier"] == "recipe"
+    with pytest.raises(EdgeConvNextError, match="matches no"):
+        QuantPlan.for_model(tiny_model, ["stages.*.mlp.*"])
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 1.0])
+def test_smoothing_is_float_equal_and_flattens_the_channel_ranges(logits_model, images, alpha):
+    pairs = norm_pairs(logits_model)
+    assert [p.layer for p in pairs][-1] == "classifier" and len(pairs) == 3 + 5 + 1
+    amax = activation_absmax(logits_model, pairs, images[:8])
+    before = {k: v.clone() for k, v in logits_model.state_dict().items()}
+    smoothed, n = smooth(logits_model, amax, alpha, pairs)
+    assert n == len(pairs)
+    x = torch.from_numpy(np.concatenate(images[8:12]))
+    with torch.no_grad():
+        ref, got = logits_model(x), smoothed(x)
+    assert ref.std() > 1.0 and (got - ref).abs().max().item() <= 1e-4
+    assert all(torch.equal(before[k], v) for k, v in logits_model.state_dict().items())  # input untouched
+    # the migrated activations' channel ranges are flatter: max/median of the per-channel maxima drops
+    after = activation_absmax(smoothed, pairs, images[:8])
+    spread = lambda a: float(a.max() / a.median())  # noqa: E731
+    assert np.mean([spread(after[p.layer]) for p in pairs]) < np.mean([spread(amax[p.layer]) for p in pairs])
+
+
+def test_smoothing_strength_zero_changes_nothing_and_out_of_range_is_refused(logits_model, images):
+    amax = activation_absmax(logits_model, norm_pairs(logits_model), images[:2])
+    same, n = smooth(logits_model, amax, 0.0)
+    assert n == 0 and all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), logits_model.state_dict().values()))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        smooth(logits_model, amax, 1.5)
+
+
+def test_fake_quant_matches_the_tflite_int8_grid():
+    scale, zp = qparams(-1.0, 3.0)
+    assert scale == pytest.approx(4.0 / 255) and -128 <= zp <= 127
+    t = torch.linspace(-2.0, 5.0, 1001)
+    q = fake_quant(t, -1.0, 3.0)
+    steps = (q / scale + zp)
+    assert torch.allclose(steps, steps.round(), atol=1e-3)  # on the grid
+    assert float(q.min()) >= -1.0 - scale and float(q.max()) <= 3.0 + scale  # clipped to the range
+    inside = (t > -0.9) & (t < 2.9)
+    assert float((q[inside] - t[inside]).abs().max()) <= scale / 2 + 1e-6
+    rows = torch.randn(5, 64) * torch.arange(1, 6)[:, None]
+    r = fake_quant_rows(rows)  # each row on its own grid: the error scales with the row's range
+    err = (r - rows).abs().amax(1) / (rows.amax(1) - rows.amin(1))
+    assert float(err.max()) <= 0.5 / 255 + 1e-6
+
+
+def test_range_estimators_clip_outliers_that_min_max_keeps():
+    obs = Observation()
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(20000, generator=g)
+    values[:3] = torch.tensor([40.0, -30.0, 35.0])  # rare outliers
+    obs.add(values, per_image=50000, g=g)
+    lo, hi = ESTIMATORS["minmax"].range(obs)
+    assert (lo, hi) == (-30.0, 40.0)
+    for name in ("percentile 99.99", "mse"):
+        lo2, hi2 = ESTIMATORS[name].range(obs)
+        assert -30.0 < lo2 < 0.0 < hi2 < 40.0, name
+
+
+def test_the_static_simulation_quantizes_inputs_and_outputs_and_leaves_float_layers_alone(tiny_model, images):
+    plan = QuantPlan.for_model(tiny_model, ["stages.*.dwconv.*", "classifier"])
+    obs = observe(tiny_model, static_points(plan.quantized), images[:4])
+    ranges = {p: ESTIMATORS["minmax"].range(o) for p, o in obs.items()}
+    seen = {}
+    pw1 = dict(tiny_model.named_modules())["stages.0.layers.0.pwconv1"]
+    dw = dict(tiny_model.named_modules())["stages.0.layers.0.dwconv.centre"]
+    x = torch.from_numpy(images[0])
+    with torch.no_grad(), simulate(tiny_model, "static", plan.quantized, ranges):
+        # registered after the simulation's own pre-hooks, so they see what the layers see
+        hooks = [pw1.register_forward_pre_hook(lambda m, i: seen.__setitem__("pw1", i[0].clone())),
+                 dw.register_forward_pre_hook(lambda m, i: seen.__setitem__("dw", i[0].clone()))]
+        tiny_model(x)
+    for h in hooks:
+        h.remove()
+    scale, zp = qparams(*ranges[Point("stages.0.layers.0.pwconv1", "input")])
+    steps = seen["pw1"] / scale + zp
+    assert torch.allclose(steps, steps.round(), atol=1e-3)  # a quantized layer's input is on its grid
+    dw_steps = seen["dw"] / 1e-3
+    assert not torch.allclose(dw_steps, dw_steps.round(), atol=1e-3)  # a float layer's input is not
+    with torch.no_grad():  # the hooks are gone after the context
+        assert torch.equal(tiny_model(x), tiny_model(x))
+
+
+def test_held_out_images_are_disjoint_from_statistics_and_evaluation(tiny_model, tiny_calibration, subset):
+    images = list(tiny_calibration(40))
+    ids = list(tiny_calibration.used_ids)
+    data = HeldOut.split(images, ids, tiny_model, fit=24, held=16)
+    assert len(data.fit) == 24 and len(data.held) == 16 and not set(data.fit_ids) & set(data.held_ids)
+    assert data.held_ids == ids[-16:]
+    evaluation = {s.image_id for s in subset.split("evaluation")}
+    assert not (set(data.fit_ids) | set(data.held_ids)) & evaluation
+    small = HeldOut.split(images[:20], ids[:20], tiny_model, fit=128)  # a small --calibration DIR
+    assert len(small.held) == 8 and len(small.fit) == 12
+    with pytest.raises(EdgeConvNextError, match="held out"):
+        HeldOut.split(images[:5], ids[:5], tiny_model, fit=128)
+    # the float model measures perfect against itself; choose() takes the best SQNR
+    assert measure(tiny_model, data).top1_agreement == 1.0
+    noisy = lambda x: tiny_model(x + 0.05 * torch.randn_like(x))  # noqa: E731
+    choice = choose({"noisy": lambda: noisy, "float": lambda: tiny_model}, data)
+    assert choice.chosen == "float" and set(choice.to_dict()["candidates"]) == {"noisy", "float"}
+
+
+def test_convert_records_every_choice_on_calibration_images_only(tmp_path, monkeypatch, subset):
+    """A static LiteRT recipe with migration and range candidates: the manifest records both choices,
+    their candidates' numbers and image ids, none of them an evaluation image; the torch-side ranges
+    are what the .tflite stores."""
+    import converters.build as build
+    from edge_convnext.manifest import read_manifest
+    from edge_convnext.recipes import get_recipe
+
+    base = get_recipe("tflite-int8")
+    recipe = dataclasses.replace(base, options={
+        **base.options, "smoothing": {"alphas": [0.0, 0.5]},
+        "activation_ranges": {"estimators": ["minmax", "percentile 99.99"]},
+        "float_layers": ("stages.*.dwconv.*", "classifier")})
+    monkeypatch.setattr(build, "select_recipes", lambda spec: [recipe])
+    convert_tiny(tmp_path, "tflite-int8", reference_images=8, parity_images=4, calibration_images=32)
+    m = read_manifest(tmp_path / "tflite-int8.json")
+    low = m.lowering
+    evaluation = {s.image_id for s in subset.split("evaluation")}
+    for key in ("smoothing", "activation_ranges"):
+        rec = low[key]
+        assert set(rec["candidates"]) and rec["chosen"] in rec["candidates"]
+        assert rec["held_out_images"] == len(rec["held_out_ids"]) >= 8
+        assert not set(rec["held_out_ids"]) & set(rec["fit_ids"])
+        assert not (set(rec["held_out_ids"]) | set(rec["fit_ids"])) & evaluation
+    assert not set(m.calibration["image_ids"]) & set(low["activation_ranges"]["held_out_ids"])  # backend calibration
+    assert not set(low["weight_rounding"]["image_ids"]) & set(low["activation_ranges"]["held_out_ids"])
+    assert {f["name"] for f in low["float_layers"]["float_layers"]} >= {"classifier"}
+    assert low["quantization"]["calibration"]["tensors_ranged_on_torch_side"] == low["activation_ranges"]["points"]
+    assert m.parity["status"] == "measured"
