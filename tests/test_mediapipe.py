@@ -90,6 +90,12 @@ def full_tflite(tmp_path_factory, subset):
     return out
 
 
+# Float: the same kernels, the same numbers. int8: LiteRT's own kernels disagree with each other by about the
+# int8 error (full-size tflite-int8, one photo, top-1 probability: XNNPACK 0.258, builtin 0.244, reference
+# 0.213; MediaPipe's runtime 0.220), so the app sees the same class with a probability within that spread.
+PROBABILITY_TOLERANCE = {"tflite-fp32": 1e-4, "tflite-int8": 0.1}
+
+
 @pytest.mark.full
 @pytest.mark.parametrize("recipe", ["tflite-fp32", "tflite-int8"])
 def test_full_size_mediapipe_top1_equals_classify(full_tflite, recipe, samples_dir):
@@ -102,7 +108,7 @@ def test_full_size_mediapipe_top1_equals_classify(full_tflite, recipe, samples_d
             assert abs(sum(c[2] for c in cats) - 1.0) < 1e-3
             (index, label, probability), = pred.top
             assert (cats[0][0], cats[0][1]) == (index, label), (photo.name, cats[0], pred.top)
-            assert abs(cats[0][2] - probability) < 1e-4
+            assert abs(cats[0][2] - probability) < PROBABILITY_TOLERANCE[recipe], (photo.name, cats[0], pred.top)
 
 
 @pytest.mark.full
