@@ -194,6 +194,7 @@ class TFLiteLayers:
         g = self.slicer.graph
         by_name = {(t.name.decode() if isinstance(t.name, bytes) else t.name): i for i, t in enumerate(g.tensors)}
         writer = {t: i for i, op in enumerate(g.operators) for t in op.outputs}
+        self._writer = writer
         self.op_index: dict[str, int] = {}
         self.layers: dict[str, StoredLayer] = {}
         for name, lop in ops.items():
@@ -217,12 +218,9 @@ class TFLiteLayers:
     def _weight_tensor(self, t: int) -> int:
         """The constant behind a layer's weight input: itself, or the float16 (or int8) constant a
         DEQUANTIZE op expands at run time (float layers stored as float16 weights)."""
-        if self.slicer._buffer_bytes(t) is not None:
-            return t
-        g = self.slicer.graph
-        for i, op in enumerate(g.operators):
-            if t in op.outputs and self.slicer.op_names[i] == "DEQUANTIZE":
-                return op.inputs[0]
+        k = self._writer.get(t)
+        if self.slicer._buffer_bytes(t) is None and k is not None and self.slicer.op_names[k] == "DEQUANTIZE":
+            return self.slicer.graph.operators[k].inputs[0]
         return t
 
     def _act(self, t: int, dynamic_dims: int) -> ActQuant | DynamicQuant | None:

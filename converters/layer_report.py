@@ -79,8 +79,8 @@ def rebuild_float_model(manifest: Manifest, samples: Sequence[Sample], source: s
     model = export_model(loaded.model, pre)
     passes = list(low.get("rewrites") or {})
     # As `converters.prepare` does: layout passes (same weights, same layer names) run after the migration.
-    layout = [p for p in passes if p in rewrites.LAYOUT_PASSES]
-    model, counts = rewrites.apply(model, [p for p in passes if p not in rewrites.LAYOUT_PASSES])
+    weight_passes, layout = rewrites.split_layout(passes)
+    model, counts = rewrites.apply(model, weight_passes)
     floats = [f["name"] for f in (low.get("float_layers") or {}).get("float_layers", [])]
     plan = QuantPlan(tuple(n for n, _ in quantizable_layers(model)), tuple(floats),
                      {f["name"]: f.get("reason", "recipe") for f in (low.get("float_layers") or {}).get("float_layers", [])})

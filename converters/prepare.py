@@ -141,8 +141,7 @@ class Preparation:
         # Layout rewrites (`rewrites.LAYOUT_PASSES`) change no weight and no layer name: they run last, so
         # recipes that differ only in layout share every choice and the weight rounding.
         requested = tuple(recipe.options.get("rewrites", ()))
-        passes = tuple(p for p in requested if p not in rewrites.LAYOUT_PASSES)
-        layout = tuple(p for p in requested if p in rewrites.LAYOUT_PASSES)
+        passes, layout = rewrites.split_layout(requested)
         if passes not in self._rewritten:
             self._rewritten[passes] = rewrites.apply(self.model, passes)
         model, counts = self._rewritten[passes]

@@ -179,6 +179,12 @@ def channels_first(model: nn.Module) -> tuple[nn.Module, int]:
 # Passes that only change how the graph lays tensors out: no weight value and no layer name changes.
 LAYOUT_PASSES = frozenset({"channels_first"})
 
+
+def split_layout(passes: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(weight passes, layout passes) of ``passes``, each in the given order. Layout passes change no
+    weight and no layer name, so they run after every choice and rounding (`converters.prepare`)."""
+    return (tuple(p for p in passes if p not in LAYOUT_PASSES), tuple(p for p in passes if p in LAYOUT_PASSES))
+
 PASSES: dict[str, Callable[[nn.Module], tuple[nn.Module, int]]] = {
     "fold_layer_scale": fold_layer_scale,
     "split_depthwise": split_depthwise,
