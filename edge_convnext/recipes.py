@@ -149,7 +149,7 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("executorch-xnnpack-fp32", _E, "fp32", "XNNPACK delegate, float32", parity_max_abs=_FP32_BOUND,
            options={**_ET, "rewrites": (*_SPLIT, "channels_first")}),
     Recipe("executorch-xnnpack-int8", _E, "int8", "PT2E static per-channel int8, calibrated, XNNPACK delegate",
-           calibrated=True, options={**_ET, **_INT8_ACT, "rewrites": _ET_REWRITES, "int8_scope": "compute"}),
+           calibrated=True, options={**_ET, **_INT8_ACT, **_RANGES, "rewrites": _ET_REWRITES, "int8_scope": "compute"}),
     # Without channels_first: ExecuTorch 1.5.1 lowers dynamically quantized linears to XNNPACK but fails on
     # dynamically quantized convs, 1x1 ones included ("Invalid size of per channel quantization scales").
     Recipe("executorch-xnnpack-dynamic-int8", _E, "dynamic-int8", "PT2E dynamic int8 (XNNPACK qd8): int8 weights, "

@@ -133,11 +133,11 @@ def test_the_int8_recipes_as_convert_builds_them(tmp_path):
         assert m.parity["sqnr_db"] >= INT8_SQNR_FLOOR_DB + 10, (name, m.parity)  # static measured 44.9 dB here
 
 
-def _quantized_graph(gm_model, plan, scope, dynamic=False):
+def _quantized_graph(gm_model, plan, scope, dynamic=False, ranges=None):
     ctx = types.SimpleNamespace(plan=plan, recipe=types.SimpleNamespace(name="t", options={"int8_scope": scope}),
                                 calibration_count=2, calibration_images=lambda n: (np.random.rand(1, 3, 224, 224)
                                                                                    .astype(np.float32) for _ in range(n)),
-                                log=lambda m: None)
+                                log=lambda m: None, activation_ranges=ranges)
     gm = torch.export.export(gm_model, (torch.rand(1, 3, 224, 224),)).module()
     return et_backend._quantize_int8(gm, ctx, dynamic)[0]
 
@@ -180,6 +180,42 @@ def test_the_annotation_filter_follows_the_plan_and_the_scope(tiny_weights):
     assert quantized_residual_adds(_quantized_graph(model, plan, "all")) > 0
     with pytest.raises(Exception, match="int8_scope"):
         _quantized_graph(model, plan, "everything")
+
+
+def test_static_int8_takes_the_ranges_chosen_on_the_torch_side(tiny_weights):
+    """The observers at every quantized conv/linear input and output hold ``ctx.activation_ranges`` (the
+    ranges LiteRT's int8 artifact gets), not the HistogramObserver's: the converted graph's quantize
+    parameters are the chosen ranges' (`converters.act_quant.qparams`); float layers get none."""
+    from converters import rewrites
+    from converters.act_quant import Point, qparams
+    from converters.quant_plan import QuantPlan
+
+    model = rewrites.apply(export_model(tiny_weights.model, tiny_weights.preprocessing),
+                           ["fold_layer_scale", "split_depthwise", "channels_first"])[0]
+    plan = QuantPlan.for_model(model, ["stages.*.dwconv.*", "classifier", "embeddings.patch_embeddings"])
+    # Distinct, deliberately odd ranges per point, so a match cannot come from calibration.
+    ranges = {Point(n, w): (-0.5 - i / 7, 3.0 + i / 3) for i, (n, w) in
+              enumerate((n, w) for n in plan.layers for w in ("input", "output"))}
+    gm = _quantized_graph(model, plan, "compute", ranges=ranges)
+    q = torch.ops.quantized_decomposed
+    seen = {}
+    for n in gm.graph.nodes:
+        if n.target not in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
+            continue
+        name = et_backend._layer_name(n)
+        if name not in plan.quantized:  # a float layer may read a quantized layer's dequantized output
+            continue
+        src = n.args[0]
+        if src.target is q.dequantize_per_tensor.default:
+            seen[Point(name, "input")] = tuple(src.args[1:3])
+        for u in n.users:
+            if u.target is q.quantize_per_tensor.default:
+                seen[Point(name, "output")] = tuple(u.args[1:3])
+    want = {Point(n, w) for n in plan.quantized for w in ("input", "output")}
+    assert set(seen) == want, sorted(map(str, set(seen) ^ want))
+    for point, (scale, zp) in seen.items():
+        s, z = qparams(*ranges[point])
+        assert scale == pytest.approx(s, rel=1e-6) and zp == z, (str(point), scale, zp, s, z)
 
 
 def test_xnnpack_takes_the_whole_graph_with_the_rewrite(built):

@@ -180,7 +180,7 @@ def test_executorch_xnnpack_quantizer_keeps_the_rounded_weights(rounded, make_co
 
     ctx = make_context("executorch-xnnpack-int8", calibration_count=2)
     gm = torch.export.export(rounded, (ctx.example_input,)).module()
-    q, _ = _quantize_int8(gm, ctx, dynamic=False)
+    q = _quantize_int8(gm, ctx, dynamic=False)[0]
     stored = []
     for node in q.graph.nodes:
         if node.op == "call_function" and "dequantize_per_channel" in str(node.target):

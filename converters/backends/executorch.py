@@ -46,6 +46,7 @@ from executorch.exir import EdgeProgramManager, to_edge_transform_and_lower
 from executorch.exir.backend.partitioner import Partitioner, PartitionResult
 from torch.export import ExportedProgram
 
+from converters.act_quant import Point
 from converters.backends.executorch_rewrite import RewriteCount, rewrite_for_xnnpack
 from converters.backends.fp16 import fp16_entry
 from converters.context import BuildContext, BuildResult
@@ -95,8 +96,9 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
     ctx.log("exporting (torch.export)")
     ep = torch.export.export(copy.deepcopy(ctx.model).eval(), example)
     gm: torch.fx.GraphModule = ep.module()  # type: ignore[assignment]  # a copy: rewrites stay off ctx.model
+    ranged = 0
     if plan.int8:
-        gm, result.calibration_used = _quantize_int8(gm, ctx, plan.dynamic)
+        gm, result.calibration_used, ranged = _quantize_int8(gm, ctx, plan.dynamic)
     ctx.log(f"exported{' and quantized' if plan.int8 else ''} in {time.perf_counter() - t0:.1f} s")
 
     other = None
@@ -130,7 +132,7 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
     ctx.log(f"serialized {len(buffer) / 1e6:.1f} MB in {time.perf_counter() - t2:.1f} s")
 
     result.lowering = _finish_report(lowering, plan, ln_rewrite, rewrite, other,
-                                     str(recipe.options.get("int8_scope", "all"))) | {"fp16": fp16_entry(recipe, out)}
+                                     str(recipe.options.get("int8_scope", "all")), ranged) | {"fp16": fp16_entry(recipe, out)}
     result.embedded = {
         "manifest": f"constant method {MANIFEST_METHOD}() -> str (UTF-8 JSON)",
         "labels": f"constant method {LABELS_METHOD}() -> str (class names, one per line, line i = class i)",
@@ -198,8 +200,12 @@ def _partitioners(plan: _Plan) -> list[Partitioner]:
     return []
 
 
-def _quantize_int8(gm: torch.fx.GraphModule, ctx: BuildContext, dynamic: bool) -> tuple[torch.fx.GraphModule, int]:
-    """PT2E int8 for XNNPACK: static (calibrated on calibration-split images only) or dynamic (qd8)."""
+def _quantize_int8(gm: torch.fx.GraphModule, ctx: BuildContext,
+                   dynamic: bool) -> tuple[torch.fx.GraphModule, int, int]:
+    """PT2E int8 for XNNPACK: static (calibrated on calibration-split images only) or dynamic (qd8).
+
+    Returns the converted module, the calibration images used and how many observers took the ranges
+    chosen on the torch side (`_set_chosen_ranges`)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -216,7 +222,7 @@ def _quantize_int8(gm: torch.fx.GraphModule, ctx: BuildContext, dynamic: bool) -
         example = [torch.zeros(n.meta["val"].shape) for n in prepared.graph.nodes if n.op == "placeholder"]
         with torch.no_grad():
             prepared(*example)
-        return convert_pt2e(prepared), 0
+        return convert_pt2e(prepared), 0, 0
     ctx.log(f"calibrating on up to {ctx.calibration_count} calibration-split images")
     used = 0
     with torch.no_grad():
@@ -225,7 +231,58 @@ def _quantize_int8(gm: torch.fx.GraphModule, ctx: BuildContext, dynamic: bool) -
             used += 1
     if used == 0:
         raise EdgeConvNextError(f"{ctx.recipe.name}: no calibration image could be read; cannot calibrate int8")
-    return convert_pt2e(prepared), used
+    ranged = _set_chosen_ranges(prepared, ctx)
+    if ranged:
+        ctx.log(f"activation ranges of {ranged} observer(s) set to the ones chosen on held-out calibration images")
+    return convert_pt2e(prepared), used, ranged
+
+
+def _layer_name(node: torch.fx.Node) -> str:
+    """The torch module name of the innermost module ``node`` came from (the plan's layer names)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _set_chosen_ranges(prepared: torch.fx.GraphModule, ctx: BuildContext) -> int:
+    """Replace the observers at the conv/linear inputs and outputs that ``ctx.activation_ranges`` covers by
+    min/max observers holding the chosen ranges (`converters.prepare`); returns how many were set.
+
+    The XNNPACK quantizer observes with `HistogramObserver`; the chosen ranges are the ones LiteRT's
+    int8 artifact gets too (`converters.backends.tflite._torch_ranges`), so both backends quantize the
+    same activations with the same ranges. An observer shared by two points takes the union of theirs.
+    """
+    from torchao.quantization.pt2e import MinMaxObserver, ObserverBase
+
+    chosen = getattr(ctx, "activation_ranges", None)
+    if not chosen:
+        return 0
+    wanted: dict[str, tuple[float, float]] = {}
+
+    def want(node: Any, rng: tuple[float, float]) -> None:
+        if isinstance(node, torch.fx.Node) and node.op == "call_module" and isinstance(
+                getattr(prepared, str(node.target), None), ObserverBase):
+            lo, hi = wanted.get(str(node.target), rng)
+            wanted[str(node.target)] = (min(lo, rng[0]), max(hi, rng[1]))
+
+    quantized = set(ctx.plan.quantized) if ctx.plan is not None else None
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or node.target not in _LAYER_TARGETS:
+            continue
+        name = _layer_name(node)
+        if quantized is not None and name not in quantized:  # float (e.g. by an accuracy target): no range
+            continue
+        if (name, "input") in chosen:
+            want(node.args[0], chosen[Point(name, "input")])
+        if (name, "output") in chosen:
+            for user in node.users:
+                want(user, chosen[Point(name, "output")])
+    for target, (lo, hi) in wanted.items():
+        old = getattr(prepared, target)
+        fixed = MinMaxObserver(dtype=old.dtype, qscheme=old.qscheme, quant_min=old.quant_min,
+                               quant_max=old.quant_max, eps=float(old.eps))
+        fixed.min_val, fixed.max_val = torch.tensor(float(lo)), torch.tensor(float(hi))
+        setattr(prepared, target, fixed)
+    return len(wanted)
 
 
 _LAYER_TARGETS = {torch.ops.aten.conv2d.default, torch.ops.aten.linear.default, torch.ops.aten.convolution.default}
@@ -250,8 +307,7 @@ def _annotation_filter(plan: QuantPlan | None, scope: str) -> Callable[[torch.fx
                  if plan is not None and all(x in floats for x in plan.layers if x.startswith(prefix + "."))}
 
     def keep(node: torch.fx.Node) -> bool:
-        stack = node.meta.get("nn_module_stack") or {}
-        name = list(stack.values())[-1][0] if stack else ""
+        name = _layer_name(node)
         if node.op != "call_function":
             # The annotators ask about every node of a pattern, its weight and bias attributes too;
             # those follow the layer's own answer.
@@ -358,7 +414,7 @@ def lowering_report(edge: EdgeProgramManager, method: str = "forward") -> dict[s
 
 
 def _finish_report(lowering: dict[str, Any], plan: _Plan, applied: bool, rewrite: RewriteCount | None,
-                   other: dict[str, Any] | None, scope: str = "all") -> dict[str, Any]:
+                   other: dict[str, Any] | None, scope: str = "all", ranged: int = 0) -> dict[str, Any]:
     report = dict(lowering)
     if plan.delegate == "xnnpack":
         built = {k: lowering[k] for k in ("partitions", "ops_outside_total", "ops_outside_delegate", "ops_total")}
@@ -381,6 +437,10 @@ def _finish_report(lowering: dict[str, Any], plan: _Plan, applied: bool, rewrite
     elif plan.int8:
         report["quantization"] = {"scheme": "PT2E static int8", "quantizer": "XNNPACKQuantizer", "int8_scope": scope,
                                   "weights": "symmetric per-channel int8", "activations": "per-tensor int8",
+                                  "activation_observers": (f"{ranged} conv/linear input and output observers hold the "
+                                                           "ranges chosen on the torch side (lowering.activation_ranges), "
+                                                           "the same as LiteRT's int8 artifact; the others: "
+                                                           "HistogramObserver" if ranged else "HistogramObserver"),
                                   "float_ops": "LayerNorm, GELU and the global mean run in float32 between "
                                                "dequantize/quantize pairs (XNNPACK has no int8 GELU; the "
                                                "quantizer leaves LayerNorm unquantized)"
