@@ -3,7 +3,10 @@
 The statistical gate needs its minimum image count; an emulated Raspberry Pi runs 4-18 s per image, so
 there the check is parity instead: the host stores its outputs on N images (`save_outputs`), the device
 runs the same artifact on the same images and compares (`compare_outputs`) within per-precision bounds
-(``gates/arm-parity.json``). Light: NumPy and the artifact's runtime only.
+(``gates/arm-parity.json``). For quantized precisions the SQNR bound is relative to the artifact's own
+quantization error on the same images (``max_excess_db``): the device may differ from the host by as
+much as the host differs from the float reference, not more. Both sides' fidelity against the float
+reference is reported too: that is what a device user gets. Light: NumPy and the artifact's runtime only.
 """
 
 from __future__ import annotations
@@ -41,15 +44,21 @@ class HostOutputs:
 
 @dataclass(frozen=True)
 class ParityResult:
+    """Device against host (``max_abs``, ``sqnr_db``: centered log-probabilities, same images) and each
+    against the float reference (``*_vs_float_sqnr_db``; None without a reference)."""
+
     artifact: str
     precision: str
     images: int
     max_abs: float
     sqnr_db: float
     bound_max_abs: float
-    bound_min_sqnr_db: float
+    bound_min_sqnr_db: float  # the effective bound: the absolute floor, raised by the relative rule
     host_machine: str
     device_machine: str
+    host_vs_float_sqnr_db: float | None = None
+    device_vs_float_sqnr_db: float | None = None
+    bound_rule: str = ""
 
     @property
     def passed(self) -> bool:
@@ -102,8 +111,13 @@ def load_bounds(path: Path = DEFAULT_BOUNDS) -> dict[str, dict[str, Any]]:
 
 
 def compare_outputs(artifact: Path, host: HostOutputs, device: np.ndarray,
-                    bounds: dict[str, dict[str, Any]]) -> ParityResult:
-    """Compare centered log-probabilities of the device's ``[N, 1000]`` outputs with the host's."""
+                    bounds: dict[str, dict[str, Any]], reference: np.ndarray | None = None) -> ParityResult:
+    """Compare centered log-probabilities of the device's ``[N, 1000]`` outputs with the host's.
+
+    ``reference``: the float reference's logits on the same images (``[N, 1000]``); needed for a
+    precision whose bound has ``max_excess_db`` (then the SQNR bound is ``max(min_sqnr_db, host's SQNR
+    against float - max_excess_db)``), and reported when given.
+    """
     m = read_manifest(manifest_path(artifact))
     if artifact.name not in host.logits:
         raise ManifestError(f"host outputs have no entry for {artifact.name} (have {sorted(host.logits)})")
@@ -114,5 +128,22 @@ def compare_outputs(artifact: Path, host: HostOutputs, device: np.ndarray,
         raise ValueError(f"{artifact.name}: host outputs {ref.shape} vs device {device.shape}")
     h, d = center(ref), center(device)
     b = bounds[m.precision]
+    floor = float(b["min_sqnr_db"])
+    host_float = device_float = None
+    if reference is not None:
+        if reference.shape != ref.shape:
+            raise ValueError(f"{artifact.name}: reference {reference.shape} vs outputs {ref.shape}")
+        f = center(reference)
+        host_float, device_float = sqnr_db(f, h), sqnr_db(f, d)
+    min_sqnr, rule = floor, f"SQNR >= {floor:g}"
+    if "max_excess_db" in b:
+        if host_float is None:
+            raise ManifestError(f"{artifact.name}: the {m.precision} parity bound is relative to the artifact's own "
+                                "error against the float reference; give the reference logits")
+        excess = float(b["max_excess_db"])
+        min_sqnr = max(floor, host_float - excess)
+        rule = (f"SQNR >= max({floor:g}, host vs float {host_float:.1f}"
+                + (f" - {excess:g}" if excess else "") + ")")
     return ParityResult(artifact.name, m.precision, len(ref), float(np.abs(h - d).max()), sqnr_db(h, d),
-                        float(b["max_abs"]), float(b["min_sqnr_db"]), host.machine, platform.machine())
+                        float(b["max_abs"]), min_sqnr, host.machine, platform.machine(),
+                        host_float, device_float, f"max abs <= {float(b['max_abs']):g}, {rule}")

@@ -45,4 +45,7 @@ def test_emulate_pi_runs_info_classify_eval_and_device_tests_on_aarch64(tiny_tfl
     for p in got.values():
         assert p["device_machine"] == "aarch64" and p["host_machine"] == "x86_64" and p["images"] == LIMIT
         assert p["passed"], p
+        assert p["host_vs_float_sqnr_db"] > 20 and p["device_vs_float_sqnr_db"] > 20
+        if p["precision"] == "int8":  # the relative rule: no worse than the artifact's own error on x86
+            assert p["bound_min_sqnr_db"] >= p["host_vs_float_sqnr_db"], p
     assert [s["cpu"] for s in summary["steps"] if s["name"] == "device_tests"] == ["cortex-a72", "cortex-a76"]

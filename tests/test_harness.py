@@ -368,3 +368,36 @@ def test_parity_mode_compares_device_outputs_with_the_stored_host_outputs(built,
     assert not worse.passed and worse.max_abs > worse.bound_max_abs
     with pytest.raises(ManifestError, match="no entry for"):
         compare_outputs(built / "executorch-xnnpack-fp32.pte", stored, host, load_bounds())
+
+
+def test_quantized_parity_bounds_are_relative_to_the_artifacts_own_error(built, tmp_path):
+    """With ``max_excess_db`` the SQNR bound is the host's own SQNR against the float reference on the
+    same images (minus the excess): a device may differ from the host as much as the host differs from
+    float, no more. Both sides' fidelity against float is reported."""
+    from edge_convnext.errors import ManifestError
+    from edge_convnext.metrics import center
+    from edge_convnext.parity import HostOutputs, compare_outputs, parity_image_ids, run_artifact
+    from edge_convnext.reference import load_reference
+
+    art = built / "tflite-fp32.tflite"
+    ids = parity_image_ids(built, 3)
+    ref = load_reference(built / "reference.npz")
+    floats = ref.logits[ref.rows(ids)]
+    host = run_artifact(art, ids)
+    stored = HostOutputs(ids, {art.name: host}, "x86_64")
+    noise = np.random.default_rng(0).normal(size=host.shape)
+    h = center(host)
+    noise *= np.sqrt(np.sum(h**2) / np.sum(center(noise) ** 2) / 1e6)  # 60 dB from the host's outputs
+    device = (h + center(noise)).astype(np.float32)
+
+    def bounds(excess: float) -> dict:
+        return {"fp32": {"min_sqnr_db": 10.0, "max_abs": 100.0, "max_excess_db": excess}}
+
+    strict = compare_outputs(art, stored, device, bounds(0.0), floats)
+    assert strict.host_vs_float_sqnr_db > 90 and strict.bound_min_sqnr_db == strict.host_vs_float_sqnr_db
+    assert strict.sqnr_db == pytest.approx(60.0, abs=0.5) and not strict.passed
+    assert strict.device_vs_float_sqnr_db == pytest.approx(60.0, abs=0.5)
+    loose = compare_outputs(art, stored, device, bounds(strict.host_vs_float_sqnr_db - 50.0), floats)
+    assert loose.bound_min_sqnr_db == pytest.approx(50.0) and loose.passed and "host vs float" in loose.bound_rule
+    with pytest.raises(ManifestError, match="give the reference"):
+        compare_outputs(art, stored, device, bounds(0.0))
