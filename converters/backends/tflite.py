@@ -142,7 +142,9 @@ def _convert_fp32(ctx: BuildContext) -> tuple[bytes, float, bool]:
     ctx.log("converting with litert-torch (torch.export -> TFLite, NHWC interface)")
     path = ctx.workdir / "fp32.tflite"
     t0 = time.perf_counter()
-    nhwc = litert_torch.to_channel_last_io(ctx.model.eval(), args=[0])
+    # The layout wrapper is a new module, in training mode unless told: litert-torch then warns on every
+    # build (ConvNeXt has no dropout or batch norm, so the numbers are the same either way).
+    nhwc = litert_torch.to_channel_last_io(ctx.model.eval(), args=[0]).eval()
     with torch.no_grad():
         litert_torch.convert(nhwc, (torch.from_numpy(_feed(ctx, ctx.example_input.numpy())),)).export(str(path))
     data = path.read_bytes()
