@@ -40,7 +40,7 @@ from edge_convnext.info import package_versions
 from edge_convnext.labels import LABELS_FILE, write_labels
 from edge_convnext.labels import unique_labels
 from edge_convnext.manifest import Manifest, manifest_path, stamp, write_manifest
-from edge_convnext.metrics import Fidelity, compare
+from edge_convnext.metrics import compare
 from edge_convnext.preprocessing import Preprocessing, preprocess_file
 from edge_convnext.progress import fmt_seconds
 from edge_convnext.recipes import Recipe, get_recipe, select_recipes
@@ -234,7 +234,7 @@ def _build_to_target(recipe: Recipe, builder: Callable[[BuildContext, Path], Bui
     candidates = Path(tempfile.mkdtemp(prefix=f"edge-convnext-{recipe.name}-target-"))
     built: list[tuple[Path, BuildResult, Manifest]] = []
 
-    def build_and_measure(plan: QuantPlan, model: torch.nn.Module) -> tuple[Path, Fidelity]:
+    def build_and_measure(plan: QuantPlan, model: torch.nn.Module) -> tuple[Path, np.ndarray]:
         path = candidates / f"candidate-{len(built)}{recipe.format.ext}"
         work = candidates / f"work-{len(built)}"
         result = builder(dataclasses.replace(ctx, model=model, plan=plan, workdir=work), path)
@@ -242,7 +242,7 @@ def _build_to_target(recipe: Recipe, builder: Callable[[BuildContext, Path], Bui
         stamp(path, m)
         write_manifest(manifest_path(path), m)
         built.append((path, result, m))
-        return path, compare(data.reference, open_runner(path, m, threads=opts.threads).run(x))
+        return path, open_runner(path, m, threads=opts.threads).run(x)
 
     try:
         plan, model, path, record = accuracy_target.search(

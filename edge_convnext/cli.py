@@ -55,7 +55,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.min_sqnr is not None or args.min_agreement is not None:
         from converters.accuracy_target import AccuracyTarget
 
-        target = AccuracyTarget(args.min_sqnr, args.min_agreement)
+        confidence = {} if args.target_confidence is None else {"confidence": args.target_confidence}
+        try:
+            target = AccuracyTarget(args.min_sqnr, args.min_agreement, **confidence)
+        except ValueError as e:  # a bad number on the command line: say which, no traceback
+            raise EdgeConvNextError(str(e)) from None
     opts = ConvertOptions(
         weights=args.weights, recipes=args.recipes, out=args.out, data=args.data,
         calibration_images=args.calibration_images, calibration=args.calibration, parity_images=args.parity_images,
@@ -283,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "artifact reaches this SQNR on held-out calibration images")
     s.add_argument("--min-agreement", type=float, metavar="FRACTION",
                    help="accuracy target: top-1 agreement with the float model on held-out calibration images (0-1)")
+    s.add_argument("--target-confidence", type=float, metavar="P",
+                   help="the accuracy target is met when the lower P bootstrap bound of the held-out measurement "
+                        "reaches it (default 0.9; 0.5 judges the held-out number itself)")
     s.set_defaults(func=_cmd_convert)
 
     s = sub.add_parser("reference", help="compute and store the float reference logits of the evaluation split")

@@ -7,7 +7,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import convert_tiny  # noqa: E402
-from converters.accuracy_target import AccuracyTarget, smallest_k  # noqa: E402
+import numpy as np  # noqa: E402
+
+from converters.accuracy_target import AccuracyTarget, estimate, smallest_k  # noqa: E402
 from edge_convnext.manifest import read_manifest  # noqa: E402
 
 pytestmark = pytest.mark.convert
@@ -34,6 +36,26 @@ def test_a_target_needs_a_bound_and_a_fraction():
         AccuracyTarget()
     with pytest.raises(ValueError, match="fraction"):
         AccuracyTarget(min_agreement=95)
+    with pytest.raises(ValueError, match="confidence"):
+        AccuracyTarget(30.0, confidence=1.0)
+
+
+def test_the_target_is_judged_on_a_lower_confidence_bound():
+    """64 held-out images whose SQNR is exactly 36 dB: the point estimate meets 36 dB, the 90 % lower bound
+    does not (its spread comes from images that differ in error), and 0.5 judges about the number itself."""
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(64, 1000)) * 3
+    noise = rng.normal(size=(64, 1000)) * rng.uniform(0.2, 2.0, size=(64, 1))  # some images much worse
+    noise -= noise.mean(axis=1, keepdims=True)
+    ref -= ref.mean(axis=1, keepdims=True)
+    noise *= np.sqrt(np.sum(ref**2) / np.sum(noise**2) / 10**3.6)  # 36 dB over all images
+    e = estimate(ref, ref + noise, 0.9)
+    assert e.fidelity.sqnr_db == pytest.approx(36.0, abs=0.05)
+    assert 34.5 < e.sqnr_low_db < 35.95  # a few tenths of a dB below, not a token margin
+    assert not AccuracyTarget(36.0).met(e) and AccuracyTarget(e.sqnr_low_db - 0.01).met(e)
+    median = estimate(ref, ref + noise, 0.5)
+    assert abs(median.sqnr_low_db - 36.0) < 0.2
+    assert e.agreement_low <= e.fidelity.top1_agreement
 
 
 def test_convert_keeps_sensitive_layers_float_until_the_target_is_met(tmp_path):
@@ -57,7 +79,8 @@ def test_convert_keeps_sensitive_layers_float_until_the_target_is_met(tmp_path):
                    if k.split(" ")[0] in ("FULLY_CONNECTED", "CONV_2D") and "w:float32" in k)
     assert float_compute(m) == float_compute(base) + len(chosen)
     assert rec["after"]["sqnr_db"] > rec["before"]["sqnr_db"]
-    assert rec["met"] == (rec["after"]["sqnr_db"] >= 43.0)
+    assert rec["met"] == (rec["after"]["sqnr_low_db"] >= 43.0)
+    assert rec["after"]["sqnr_low_db"] < rec["after"]["sqnr_db"] and rec["confidence"] == 0.9
     assert rec["cost"]["bytes"] > 0 and set(rec["cost"]["latency_ms"]) >= {"without", "with"}
     assert rec["after"]["images"] >= 8  # held-out calibration images (test_quant_choices checks they are not evaluation ones)
 
