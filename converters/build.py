@@ -184,6 +184,7 @@ def _build_one(
             float_model=float_model,
             plan=prepared.plan,
             activation_ranges=prepared.activation_ranges,
+            held_out=preparation.held_out() if preparation.makes_choices(recipe) else None,
             example_input=example,
             calibration_images=calibration,
             calibration_count=min(opts.calibration_images, preparation.statistics_images),

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from converters.act_quant import Point
+from converters.calibrate import HeldOut
 from converters.quant_plan import QuantPlan
 from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS
 from edge_convnext.manifest import TensorSpec
@@ -45,6 +46,10 @@ class BuildContext:
     # Ranges chosen on the torch side for static activations (`converters.prepare`), per quantization
     # point (torch layer input/output); None: the backend's own calibration ranges.
     activation_ranges: dict[Point, tuple[float, float]] | None = None
+    # The run's calibration split (`converters.calibrate.HeldOut`) for backends that choose by measurement
+    # (recipe option ``backend_choices``): statistics from ``fit``, choices measured on ``held``. None in a
+    # context made by hand: such a backend splits ``calibration_images`` the same way itself.
+    held_out: HeldOut | None = None
 
     @property
     def float_reference(self) -> torch.nn.Module:

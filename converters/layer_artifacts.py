@@ -488,9 +488,9 @@ class CoreMLLayers:
                 self.op[name] = rest[k]
                 k += 1
         self.layers = {name: self._stored(name, self.op[name]) for name in self.modules}
-        self.how_outputs = ("the Core ML emulator's intermediate values (each conv/linear op's output) at the program's "
-                            "own precision (fp16 compute: its rounding is part of the error); ops paired with layers by "
-                            "their weight constant's name")
+        self.how_outputs = ("the Core ML emulator's intermediate values (each conv/linear op's output, in W8A8 after its "
+                            "quantize/dequantize) at the program's own precision (fp16 compute: its rounding is part "
+                            "of the error); ops paired with layers by their weight constant's name")
         self.how_alone = ("the layer's weights and bias as the package stores them (decompressed), and in W8A8 the "
                           "quantize/dequantize around the op, in the float torch model (float32 compute)")
 
@@ -522,7 +522,7 @@ class CoreMLLayers:
         contract = INPUT_CONTRACTS[self.manifest.input.contract or "rgb-image"]
         feature = self.manifest.input.name
         probs_name = self.manifest.output.name
-        names = {n: self.op[n].outputs[0].name for n in want}
+        names = {n: _carried_output(self.op[n]) for n in want}
         pixels = contract.feed(x)
         probs, got = [], {n: [] for n in want}
         for i in range(len(x)):
@@ -538,6 +538,19 @@ class CoreMLLayers:
 
     def alone(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return simulate_layer(module, self.layers[name], x)
+
+
+def _carried_output(op: Any) -> str:
+    """The name of the value the network carries on from a conv/linear op: in W8A8 its output after the
+    quantize/dequantize pair (what `simulate_layer` computes, like LiteRT's int8 output tensor), else
+    the op's own output."""
+    out = op.outputs[0]
+    q = [c for c in out.child_ops if c.op_type == "quantize"]
+    if len(q) == 1:
+        dq = [c for c in q[0].outputs[0].child_ops if c.op_type == "dequantize"]
+        if len(dq) == 1:
+            return str(dq[0].outputs[0].name)
+    return str(out.name)
 
 
 def _mil_act(op: Any, kind: str) -> ActQuant | None:

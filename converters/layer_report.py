@@ -115,6 +115,9 @@ def used_image_ids(manifest: Manifest) -> set[str]:
     for key in ("smoothing", "activation_ranges"):
         rec = low.get(key) or {}
         ids |= set(rec.get("fit_ids") or []) | set(rec.get("held_out_ids") or [])
+    for key in ("weight_compression", "activation_quantization"):  # Core ML p4 and w8a8 choices
+        rec = low.get(key) or {}
+        ids |= set(rec.get("statistics_image_ids") or []) | set(rec.get("held_out_image_ids") or [])
     return ids
 
 

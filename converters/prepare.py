@@ -134,8 +134,10 @@ class Preparation:
 
     @staticmethod
     def makes_choices(recipe: Recipe) -> bool:
-        """Whether ``recipe`` chooses anything on held-out calibration images."""
-        return bool(recipe.options.get("smoothing") or recipe.options.get("activation_ranges"))
+        """Whether ``recipe`` chooses anything on held-out calibration images (here, or in its backend:
+        option ``backend_choices`` names what the backend chooses on the run's `held_out` split)."""
+        return bool(recipe.options.get("smoothing") or recipe.options.get("activation_ranges")
+                    or recipe.options.get("backend_choices"))
 
     def prepare(self, recipe: Recipe) -> PreparedModel:
         # Layout rewrites (`rewrites.LAYOUT_PASSES`) change no weight and no layer name: they run last, so

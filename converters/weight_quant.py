@@ -156,22 +156,43 @@ def clipped_scale(w: torch.Tensor, h: torch.Tensor | None, grid: int) -> torch.T
 
 def gptq(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, damp: float, block: int = 128) -> torch.Tensor:
     """GPTQ rounding of ``w`` ``[G, R, K]`` on the grid ``scale`` ``[G, R, 1]``, input moments ``h`` ``[G, K, K]``."""
-    w, h, scale = w.clone().to(torch.float64), h.clone().to(torch.float64), scale.to(torch.float64)
-    g, _, k = w.shape
+    scale = scale.to(torch.float64)
+    return gptq_with(w, h, lambda col: round_to_grid(col, scale[..., 0]), damp, block)
+
+
+def gptq_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of the damped ``H^-1`` ``[G, K, K]``, dead inputs bool ``[G, K]``): what
+    GPTQ reads of ``h``; computed once when one layer is rounded several ways."""
+    h = h.clone().to(torch.float64)
+    k = h.shape[-1]
     eye = torch.eye(k, dtype=h.dtype)
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     dead = diag == 0  # an input that is always 0: its column does not matter
     h = h + dead[..., None] * eye
-    w = w.masked_fill(dead[:, None, :], 0.0)
     h = h + damp * diag.mean(-1)[:, None, None] * eye
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True), dead
+
+
+def gptq_with(w: torch.Tensor, h: torch.Tensor | None, round_column: Callable[[torch.Tensor], torch.Tensor],
+              damp: float, block: int = 128,
+              factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """GPTQ with any per-element rounding: ``round_column`` maps one float64 column ``[G, R]`` to its
+    representable values (a uniform grid in `gptq`, a palette in Core ML's LUT rounding).
+    ``factor``: `gptq_factor` of ``h`` (then ``h`` may be None)."""
+    if factor is None:
+        assert h is not None
+        factor = gptq_factor(h, damp)
+    u, dead = factor
+    w = w.clone().to(torch.float64)
+    g, _, k = w.shape
+    w = w.masked_fill(dead[:, None, :], 0.0)
     q = torch.zeros_like(w)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1, err1, u1 = w[:, :, i1:i2].clone(), torch.zeros_like(w[:, :, i1:i2]), u[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, :, i]
-            qc = round_to_grid(col, scale[..., 0])
+            qc = round_column(col)
             q[:, :, i1 + i] = qc
             e = (col - qc) / u1[:, i, i][:, None]
             w1[:, :, i:] -= e[:, :, None] * u1[:, i, i:][:, None, :]

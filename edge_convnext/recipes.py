@@ -122,17 +122,24 @@ RECIPES: tuple[Recipe, ...] = (
            options={"compute_precision": "fp32"}),
     Recipe("coreml-fp16", _C, "fp16", "ML program, fp16 compute (the Neural Engine default)",
            options={"compute_precision": "fp16"}),
+    # The stem stays fp16 (float_layers: neither rounded nor compressed; see converters.backends.coreml).
     Recipe("coreml-w8", _C, "w8", "fp16 program, 8-bit per-channel linear weight quantization",
            options={"compute_precision": "fp16", "weights": "int8-per-channel", **_INT8_WEIGHTS,
-                    # the stem stays fp16 in this recipe (see converters.backends.coreml): not rounded
-                    "weight_rounding": {**_INT8_WEIGHTS["weight_rounding"], "skip": (_STEM,)}}),
-    Recipe("coreml-p4", _C, "p4", "fp16 program, 4-bit k-means palettized weights (per-tensor or grouped "
-           "LUTs, whichever measures better)",
-           options={"compute_precision": "fp16", "weights": "palettize-4bit", "lut_granularity": "auto",
-                    "lut_group_size": 16, "lut_min_gain_db": 0.5}),
+                    "float_layers": (_STEM,)}),
+    # Per-layer storage (2/3/4/6-bit palettes, int8, fp16) chosen by measurement under 16,000,000 bytes
+    # (converters.backends.coreml_bits); at most 4.5 bits per weight on average for smaller models.
+    Recipe("coreml-p4", _C, "p4", "fp16 program, mixed 2-8 bit palettized and int8 weights chosen per layer "
+           "by measured sensitivity, within 16 MB",
+           options={"compute_precision": "fp16", "weights": "palettize-mixed", "lut_granularity": "auto",
+                    "lut_group_size": 16, "lut_min_gain_db": 0.5, "budget_bytes": 16_000_000,
+                    "budget_bits_per_weight": 4.5, "statistics_images": 16, "held_out_images": 32,
+                    "backend_choices": ("storage",)}),
     Recipe("coreml-w8a8", _C, "w8a8", "8-bit weights and activations, calibrated (torch-side quantizer)",
            calibrated=True, options={"compute_precision": "fp16", "weights": "int8", "activations": "int8",
-                                     **_INT8_WEIGHTS}),
+                                     **_INT8_WEIGHTS, **_MIGRATION, "rewrites": ("fold_layer_scale",),
+                                     "float_layers": ("stages.*.dwconv", *_EDGE_FLOAT),
+                                     "activation_scope": "no_residual_add",
+                                     "backend_choices": ("activation_observer",)}),
     Recipe("tflite-fp32", _T, "fp32", "float32", parity_max_abs=_FP32_BOUND, options={"rewrites": _SPLIT}),
     Recipe("tflite-fp16", _T, "fp16", "float16 weights, float32 compute", options={"rewrites": _SPLIT}),
     Recipe("tflite-dynamic-int8", _T, "dynamic-int8", "dynamic-range int8: int8 weights, activations quantized on the fly",

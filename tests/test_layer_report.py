@@ -220,8 +220,11 @@ def test_executorch_payload_holds_the_layers_and_its_emulation_tracks_the_runtim
 def test_coreml_reads_the_emulators_own_intermediates(built, report):
     rep = report("coreml-w8a8")
     assert rep.end_to_end["intermediates_vs_artifact"].startswith("identical")
-    assert len(rep.quantized) == len(rep.rows)  # W8A8 quantizes every conv/linear
+    _, fm = _float_model(built, "coreml-w8a8")
+    # the plan's float layers (stem, depthwise, downsampling, classifier) stay fp16, every other is int8
+    assert [r.name for r in rep.quantized] == list(fm.plan.quantized) and fm.plan.float_layers
     assert all(r.stored["input"] and r.stored["output"] for r in rep.quantized)
+    assert all(r.storage.startswith("w fp16") for r in rep.rows if not r.quantized)
 
 
 def test_emulator_returns_intermediates_on_request(built):

@@ -218,6 +218,44 @@ def test_coreml_w8_stores_the_rounded_weights(rounded, make_context, tmp_path):
     _assert_stored_as_rounded(stored, rounded, rtol=2e-3)
 
 
+def _coreml_int8_weights(path) -> dict[str, tuple[np.ndarray, int]]:
+    """The int8 data times scales of each constexpr_affine_dequantize of a package, by const name."""
+    ct = pytest.importorskip("coremltools")
+    from converters.backends import coreml_compress as cc
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    m = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = m.get_spec()
+    prog = load(spec, specification_version=spec.specificationVersion, file_weights_dir=m.weights_dir)
+    out = {}
+    for op in prog.functions["main"].operations:
+        if op.op_type == "constexpr_affine_dequantize":
+            data, scale = op.quantized_data.val.astype(np.float64), op.scale.val.astype(np.float64)
+            axis = int(op.axis.val)
+            shape = [1] * data.ndim
+            shape[axis] = -1
+            out[cc._COMPRESSED_SUFFIX.sub("", op.name)] = (data * scale.reshape(shape), axis)
+    return out
+
+
+def test_coreml_w8a8_stores_the_rounded_weights(rounded, make_context, tmp_path):
+    """coremltools' torch quantizer on [-127, 127] (scale max|w| / 127) keeps the rounded steps; its
+    default [-128, 127] (scale max|w| / 127.5) would re-round every weight."""
+    import dataclasses
+
+    from converters.backends import coreml
+
+    ctx = make_context("coreml-w8a8", calibration_count=4)
+    # float_layers (): every layer int8 here, so every rounded weight is checked (the recipe keeps some fp16)
+    ctx.recipe = dataclasses.replace(ctx.recipe, options={**ctx.recipe.options, "activation_observer": "min_max",
+                                                          "held_out_images": 2, "float_layers": ()})
+    ctx.model = rounded
+    coreml.build(ctx, tmp_path / "m.mlpackage")
+    stored = _coreml_int8_weights(tmp_path / "m.mlpackage")
+    assert len(stored) == len(quantizable(rounded))  # every conv/linear, the stem too
+    _assert_stored_as_rounded(list(stored.values()), rounded, rtol=2e-3)
+
+
 # --- what the manifest records, and which images every choice used ------------------------------
 
 

@@ -13,28 +13,33 @@ recipe      target  needs
 ==========  ======  ==========================================================================
 fp32, fp16  iOS15   ML programs (iOS15 / macOS12)
 w8          iOS16   ``constexpr_affine_dequantize`` (int8 per-channel weights)
-p4          iOS16   ``constexpr_lut_to_dense`` with one LUT per tensor, or iOS18 when grouped
-                    LUTs (one table per 16 output channels) are chosen (``per_grouped_channel``)
+p4          iOS16   ``constexpr_lut_to_dense`` with one 2/4/6/8-bit palette per tensor, or iOS18
+                    when the allocation keeps 3-bit or grouped palettes (``Storage.target``)
 w8a8        iOS17   activation ``quantize`` / ``dequantize`` ops
 ==========  ======  ==========================================================================
 
 Weight compression touches only the ``weight`` inputs of conv and linear ops (named per op through
 ``op_name_configs``; coremltools 9 dropped ``op_selector``): biases, LayerNorm and layer-scale
-vectors stay fp16 whatever their size. The stem conv stays fp16 too (4.6 k parameters, 9 KB): the
-mean/std normalization is folded into it and every block reads its output, so it is the weight most
-sensitive to storage error (int8 stem alone: 29.6 dB logit SQNR; all other 58 weights int8: 25.9 dB).
+vectors stay fp16 whatever their size. Which conv/linear layers stay float is the shared plan
+(`converters.quant_plan`, recipe option ``float_layers``, torch module names): the torch-side
+rounding skips them and the compression leaves them fp16. ``coreml-w8`` keeps the stem conv there
+(4.6 k parameters, 9 KB): the mean/std normalization is folded into it and every block reads its
+output, so it is the weight most sensitive to storage error (int8 stem alone: 29.6 dB logit SQNR;
+all other 58 weights int8: 25.9 dB, measured before the GPTQ rounding).
 
-``p4`` stores the pointwise linears (25.9 M of 28.6 M parameters) as 4-bit k-means LUTs and the
-depthwise convs, downsampling convs and classifier as int8: 15.9 MB at ConvNeXt-T size (budget
-16 MB). Measured on synthetic ConvNeXt-T, that layout keeps 7.8 dB of logit SQNR where 4-bit
-everywhere keeps 2.0 dB, for +1.4 MB. The LUT granularity is measured, not assumed (option
-``lut_granularity``, default ``"auto"``): per-tensor and grouped LUTs (``lut_group_size``, 16) are
-both built and compared on a few calibration images; grouped tables are kept only when they gain at
-least ``lut_min_gain_db`` (0.5 dB) of logit SQNR, since they cost iOS18 and minutes of k-means.
+``p4`` chooses each layer's storage by measurement (`converters.backends.coreml_bits`): 2/3/4/6-bit
+palettes (per tensor, or per 16 output channels with ``lut_granularity`` ``"auto"``), int8 or fp16,
+all rounded on the torch side, each measured alone end to end on held-out calibration images, then
+allocated under ``budget_bytes`` (16,000,000 for the whole package at ConvNeXt-T size) and at most
+``budget_bits_per_weight`` (4.5) bits per conv/linear weight. The stem is a candidate like any
+other layer: its fp16 storage costs 9 KB, and the measurement decides. Palettes are stored as the
+tensors' own fp16 values, int8 as the torch side's grid: nothing is re-rounded by coremltools.
 
-``w8a8`` quantizes every conv/linear (weights and activations); option ``float_modules`` (torch
-module names, default none) leaves chosen modules in float, e.g. ``["embeddings.patch_embeddings"]``
-for the stem (measured on synthetic ConvNeXt-T: +0.9 dB SQNR, no better top-1, so not the default).
+``w8a8`` quantizes weights and activations on the torch side (coremltools' LinearQuantizer) with
+int8 weights on ``[-127, 127]`` so the torch-side GPTQ rounding is stored as is; the activation
+observer is chosen among coremltools' own on held-out calibration images (``activation_observer``
+``"auto"``); ``activation_scope`` says whether the residual adds are quantized too; the plan's
+float layers get no quantizer (``module_name_configs`` None).
 
 Every recipe is a Vision/Xcode image classifier (input contract ``rgb-image``, output contract
 ``classifier``, `edge_convnext.contract`), because ``VNCoreMLModel`` refuses a model without an
@@ -64,19 +69,23 @@ import json
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from converters.backends import coreml_bits as cb
 from converters.backends import coreml_compress as cc
 from converters.backends.fp16 import fp16_entry
+from converters.calibrate import MIN_HELD_OUT, HeldOut, choose, measure
 from converters.context import BuildContext, BuildResult
+from converters.quant_plan import QuantPlan, quantizable_layers
+from converters.weight_quant import collect_stats
 from edge_convnext import __version__
 from edge_convnext.contract import CROP, OUTPUT_CONTRACTS
 from edge_convnext.manifest import NUM_CLASSES
-from edge_convnext.metrics import compare
 from edge_convnext.runners.coreml import classifier_io
 
 
@@ -94,10 +103,14 @@ _LOG_P = OUTPUT_CONTRACTS["probabilities"].log_scores  # ctx.model's probabiliti
 _MACOS = {"iOS15": "macOS12", "iOS16": "macOS13", "iOS17": "macOS14", "iOS18": "macOS15"}
 _TARGETS = {"fp32": "iOS15", "fp16": "iOS15", "w8": "iOS16", "p4": "iOS16", "w8a8": "iOS17"}
 # Weight treatment per role (see coreml_compress.weight_roles); None keeps fp16.
-_W8_TREATMENT = {"stem": None, "depthwise": "int8", "downsample": "int8", "pointwise": "int8", "classifier": "int8"}
-_P4_TREATMENT = {"stem": None, "depthwise": "int8", "downsample": "int8", "pointwise": "lut4", "classifier": "int8"}
-_FIDELITY_IMAGES = 8  # calibration images for build-time torch-side checks (p4 choice, w8a8 report)
+_INT8 = cb.Storage("int8")
 P4_BUDGET_BYTES = 16_000_000  # coreml-p4 at ConvNeXt-T size
+# coreml-p4's candidate storages per layer (coreml_bits.Storage.parse names); grouped palettes are
+# added with lut_granularity "auto" or "per_grouped_channel". 2-bit palettes are left out: on the
+# synthetic ConvNeXt-T (random:0, 16 held-out images) the allocation never chose one at 15.5-15.8 MB,
+# and each candidate costs a rounding of every layer.
+P4_STORAGES = ("lut3", "lut4", "lut6", "int8", "fp16")
+P4_MARGIN_BYTES = 32_768  # slack between the estimated and the saved package size
 
 
 def build(ctx: BuildContext, out: Path) -> BuildResult:
@@ -118,32 +131,46 @@ def build(ctx: BuildContext, out: Path) -> BuildResult:
                                 "compute_precision": precision}
     t0 = time.perf_counter()
 
+    planned: tuple[list[cc.Weight], dict[str, cb.Storage]] | None = None  # checked in the saved package
     if kind == "w8a8":
         mlmodel, target = _build_w8a8(ctx, precision, lowering, result, labels)
+    elif kind == "p4":
+        mlmodel, target, planned = _build_p4(ctx, precision, lowering, labels)
     else:
         target = _TARGETS[kind]
         ctx.log(f"tracing and converting (mlprogram, {precision}, {target})")
         mlmodel = _convert(ctx.model, ctx.example_input, precision, target, labels)
         if kind == "w8":
-            weights = cc.weight_roles(mlmodel)
-            mlmodel = cc.compress_weights(mlmodel, weights, _W8_TREATMENT)
-            lowering["weight_compression"] = _plan(weights, _W8_TREATMENT)
-        elif kind == "p4":
-            mlmodel, target = _build_p4(ctx, mlmodel, precision, lowering, labels)
+            plan = _quant_plan(ctx)
+            weights = cc.weight_roles(mlmodel, plan.layers)
+            # int8 for every conv/linear weight but the plan's float layers (fp16), whose weights the
+            # torch-side rounding skipped too (converters.build): one list of float layers for both.
+            storage = {w.name: _INT8 for w in weights if w.layer is None or not plan.is_float(w.layer)}
+            mlmodel = cc.compress_weights(mlmodel, weights, storage)
+            planned = (weights, storage)
+            lowering["weight_compression"] = {
+                "method": "int8 linear symmetric per output channel (max|w| / 127), weights rounded on the torch "
+                          "side first (lowering.weight_rounding) and stored as they are",
+                "float_layers": [w.layer for w in weights if w.name not in storage],
+                "roles": _roles(weights, storage),
+                "untouched": "biases, LayerNorm and layer-scale vectors stay fp16"}
 
     mlmodel = _rename_probabilities(mlmodel)
     result.embedded = _describe(mlmodel, ctx)
     _save(mlmodel, out, ctx.workdir)
-    lowering.update(_inspect(out, labels))
+    lowering.update(_inspect(out, labels, planned))
     lowering["minimum_deployment_target"] = target
     lowering["minimum_macos"] = _MACOS[target]
     lowering["build_seconds"] = round(time.perf_counter() - t0, 1)
     lowering["package_bytes"] = cc.package_bytes(out)
     lowering["fp16"] = fp16_entry(recipe, out)
     result.lowering = lowering
-    if kind == "p4" and lowering["package_bytes"] > P4_BUDGET_BYTES:
-        result.notes.append(f"coreml-p4 is {lowering['package_bytes'] / 1e6:.1f} MB, over the "
-                            f"{P4_BUDGET_BYTES / 1e6:.0f} MB budget set for ConvNeXt-T")
+    cap = int(recipe.options.get("budget_bytes", P4_BUDGET_BYTES))
+    if kind == "p4" and lowering["package_bytes"] > cap:
+        raise RuntimeError(
+            f"{recipe.name}: the package is {lowering['package_bytes']} bytes, over its budget of {cap}: the "
+            f"estimate of the rest of the package ({lowering['weight_compression']['budget']['rest_of_package_bytes']}"
+            " bytes) was short; raise P4_MARGIN_BYTES in converters/backends/coreml.py")
     ctx.log(f"wrote {lowering['package_bytes'] / 1e6:.1f} MB, {target}, in {lowering['build_seconds']} s")
     return result
 
@@ -202,103 +229,194 @@ def _rename_probabilities(mlmodel: Any) -> Any:
     return ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir, skip_model_load=True)
 
 
-def _plan(weights: list[cc.Weight], treatment: dict[str, str | None], group_size: int | None = None) -> dict[str, Any]:
-    """What happened to each role's weights, as the manifest shows it."""
-    names = {None: "fp16 (uncompressed)", "int8": "int8 linear symmetric, per output channel",
-             "lut4": "4-bit k-means LUT, one table per tensor",
-             "lut4-g": f"4-bit k-means LUT, one table per {group_size} output channels"}
-    by_role: dict[str, dict[str, Any]] = {}
-    for w in weights:
-        r = by_role.setdefault(w.role, {"storage": names[treatment.get(w.role)], "tensors": 0, "parameters": 0})
-        r["tensors"] += 1
-        r["parameters"] += w.size
-    return {"roles": by_role, "untouched": "biases, LayerNorm and layer-scale vectors stay fp16"}
-
-
-def _build_p4(ctx: BuildContext, fp16: Any, precision: str, lowering: dict[str, Any],
-              labels: list[str]) -> tuple[Any, str]:
-    """Palettize; with ``lut_granularity="auto"`` build both LUT layouts and keep the better one."""
+def _build_p4(ctx: BuildContext, precision: str, lowering: dict[str, Any],
+              labels: list[str]) -> tuple[Any, str, tuple[list[cc.Weight], dict[str, cb.Storage]]]:
+    """Mixed-precision weights under the byte budget (`coreml_bits.choose_storage`), stored exactly."""
     opts = ctx.recipe.options
     mode = str(opts.get("lut_granularity", "auto"))
     group = int(opts.get("lut_group_size", 16))
-    min_gain = float(opts.get("lut_min_gain_db", 0.5))
     if mode not in ("auto", "per_tensor", "per_grouped_channel"):
         raise ValueError(
             f"{ctx.recipe.name}: lut_granularity must be auto, per_tensor or per_grouped_channel, not {mode!r}")
-    grouped = {**_P4_TREATMENT, "pointwise": "lut4-g"}
-    candidates: dict[str, tuple[dict[str, str | None], str]] = {}
-    if mode in ("auto", "per_tensor"):
-        candidates["per_tensor"] = (_P4_TREATMENT, "iOS16")
-    if mode in ("auto", "per_grouped_channel"):
-        # Grouped LUTs are an iOS18 op: the program itself must be converted for iOS18.
-        candidates["per_grouped_channel"] = (grouped, "iOS18")
-    built: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
-    for name, (treatment, target) in candidates.items():
-        t = time.perf_counter()
-        ctx.log(f"palettizing, {name} LUTs ({target})")
-        base = fp16 if target == "iOS16" else _convert(ctx.model, ctx.example_input, precision, target, labels)
-        weights = cc.weight_roles(base)
-        built[name] = cc.compress_weights(base, weights, treatment, group_size=group)
-        seconds[name] = round(time.perf_counter() - t, 1)
-    choice = next(iter(candidates))
-    report: dict[str, Any] = {"mode": mode}
-    if len(candidates) > 1:
-        images, ref = _fidelity_images(ctx)
-        for name in candidates:
-            path = ctx.workdir / f"p4-{name}.mlpackage"
-            built[name].save(str(path))
-            fid = cc.weight_fidelity(ctx.model, _read_back(path)[1], images, ref)
-            report[name] = {"sqnr_db": round(fid.sqnr_db, 2), "top1_agreement": fid.top1_agreement,
-                            "kl": round(fid.kl, 4), "bytes": cc.package_bytes(path),
-                            "seconds": seconds[name]}
-        gain = report["per_grouped_channel"]["sqnr_db"] - report["per_tensor"]["sqnr_db"]
-        choice = "per_grouped_channel" if gain >= min_gain else "per_tensor"
-        report["measured_on"] = (f"{len(images)} calibration images; float torch model with the package's "
-                                 "stored weights vs the float model, on centered log-probabilities "
-                                 "(weight error only, fp32 compute)")
-        report["rule"] = f"grouped LUTs (iOS18) only when they gain >= {min_gain} dB SQNR over per-tensor (iOS16)"
-        ctx.log(f"LUT granularity: per-tensor {report['per_tensor']['sqnr_db']} dB, grouped "
-                f"{report['per_grouped_channel']['sqnr_db']} dB -> {choice}")
-    report["chosen"] = choice
-    treatment, target = candidates[choice]
-    lowering["weight_compression"] = _plan(weights, treatment, group) | {"lut_granularity": report}
-    return built[choice], target
+    names = tuple(opts.get("storages", P4_STORAGES))
+    base = [cb.Storage.parse(n, group) for n in names]
+    luts = [s for s in base if s.kind == "lut"]
+    grouped = [cb.Storage("lut", s.nbits, group) for s in luts]
+    candidates = {"per_tensor": base, "per_grouped_channel": [s for s in base if s.kind != "lut"] + grouped,
+                  "auto": base + grouped}[mode]
+    model = ctx.model
+    plan = _quant_plan(ctx)
+    layers = quantizable_layers(model)
+
+    # What the weights may take: the budget minus everything else the package holds (program,
+    # biases, LayerNorm vectors, labels, metadata), read off the fp16 program of the same model.
+    ctx.log("tracing and converting the float model (mlprogram, fp16) to size the rest of the package")
+    t = time.perf_counter()
+    fp16 = _convert(model, ctx.example_input, precision, "iOS16", labels)
+    fp16_path = ctx.workdir / "p4-fp16.mlpackage"
+    fp16.save(str(fp16_path))
+    dense = sum(cb.Storage("fp16").nbytes(w.shape) for w in cc.weight_roles(fp16, [n for n, _ in layers]))
+    rest = cc.package_bytes(fp16_path) - dense + _metadata_bytes(ctx, labels) + P4_MARGIN_BYTES
+    shutil.rmtree(fp16_path, ignore_errors=True)
+    params = sum(m.weight.numel() for _, m in layers)
+    cap_bytes = int(opts.get("budget_bytes", P4_BUDGET_BYTES))
+    bits = float(opts.get("budget_bits_per_weight", 4.5))
+    budget = min(cap_bytes - rest, int(bits * params / 8))
+
+    stats_n = int(opts.get("statistics_images", 16))
+    data = _held_out(ctx, int(opts.get("held_out_images", 32)))
+    stats_images, stats_ids = data.fit[:stats_n], data.fit_ids[:stats_n]
+    held, held_ids = np.concatenate(data.held).astype(np.float32), data.held_ids
+    ctx.log(f"layer statistics on {len(stats_images)} calibration images; choices measured on {len(held_ids)} "
+            f"held-out calibration images; {budget / 1e6:.2f} MB for the weights")
+    stats, _ = collect_stats(model, [(n, m) for n, m in layers if not plan.is_float(n)], stats_images)
+    choice = cb.choose_storage(model, layers, candidates, plan.float_layers, stats, torch.from_numpy(held), budget,
+                               float(opts.get("lut_min_gain_db", 0.5)), ctx.log)
+    del stats
+    seconds = round(time.perf_counter() - t, 1)
+    target = max((s.target for s in choice.storage.values()), key=lambda t: int(t[3:]))
+
+    ctx.log(f"converting the rounded model (mlprogram, {precision}, {target}) and storing it")
+    rounded = _convert(choice.model, ctx.example_input, precision, target, labels)
+    weights = cc.weight_roles(rounded, [n for n, _ in layers])
+    by_const = {w.name: choice.storage[w.layer] for w in weights if w.layer is not None}
+    mlmodel = cc.compress_weights(rounded, weights, by_const)
+    # What the package stores, swapped back into the float torch model, on the same held-out images:
+    # equal to the measured allocation up to fp16 biases, unless something was re-rounded on the way.
+    stored_path = ctx.workdir / "p4-stored.mlpackage"
+    mlmodel.save(str(stored_path))
+    with torch.no_grad():
+        ref = _LOG_P(model(torch.from_numpy(held)).numpy())
+    stored = cc.weight_fidelity(model, _read_back(stored_path)[1], torch.from_numpy(held), ref)
+    shutil.rmtree(stored_path, ignore_errors=True)
+    lowering["weight_compression"] = {
+        "method": "per-layer storage chosen by measurement under a byte budget (converters.backends.coreml_bits): "
+                  "candidates rounded on the torch side (palettes: weighted k-means + GPTQ assignment; int8: "
+                  "GPTQ on the min/max grid; bias correction for both), each measured alone end to end on "
+                  "held-out calibration images, then a knapsack over bytes; stored exactly (palettes as the "
+                  "tensors' own fp16 values, coreml_compress.exact_palette)",
+        "candidates": [s.name for s in candidates],
+        "lut_granularity": mode,
+        "lut_group_size": group,
+        "budget": {"package_bytes": cap_bytes, "bits_per_weight": bits, "rest_of_package_bytes": rest,
+                   "weight_parameters": params},
+        "statistics_image_ids": stats_ids,
+        "held_out_image_ids": held_ids,
+        "measured_on": "centered log-probabilities of the float torch model with the candidate weights vs the "
+                       "float model (fp32 compute), on the held-out calibration images",
+        "seconds": seconds,
+        **choice.report,
+        "stored_weights_sqnr_db": round(stored.sqnr_db, 2),
+        "stored_weights_top1_agreement": round(stored.top1_agreement, 4),
+        "roles": _roles(weights, by_const),
+    }
+    return mlmodel, target, (weights, by_const)
+
+
+def _quant_plan(ctx: BuildContext) -> QuantPlan:
+    """The build's float-layer plan; without one (a context made by hand), the recipe's ``float_layers``."""
+    return ctx.plan or QuantPlan.for_model(ctx.model, ctx.recipe.options.get("float_layers", ()))
+
+
+def _held_out(ctx: BuildContext, n: int) -> HeldOut:
+    """The run's split (`converters.calibrate.HeldOut`, ``ctx.held_out``) with its first ``n`` held-out
+    images; a context made by hand is split here the same way (statistics: the first
+    ``calibration_count`` images)."""
+    data = ctx.held_out
+    if data is None:
+        held = max(n, MIN_HELD_OUT)
+        images = list(ctx.calibration_images(ctx.calibration_count + held))
+        ids = list(getattr(ctx.calibration_images, "used_ids", []))
+        if len(ids) != len(images):
+            raise TypeError(f"{ctx.recipe.name}: choices are measured on held-out calibration images, so a build "
+                            "context without held_out needs a calibration stream that records image ids")
+        data = HeldOut.split(images, ids, ctx.float_reference.eval(), fit=ctx.calibration_count, held=held)
+    k = min(n, len(data.held))
+    return HeldOut(data.fit, data.fit_ids, data.held[:k], data.held_ids[:k], data.reference[:k])
+
+
+def _metadata_bytes(ctx: BuildContext, labels: list[str]) -> int:
+    """What `_describe` adds to the package: the manifest and labels in the metadata, plus descriptions."""
+    manifest = json.dumps(ctx.embedded_manifest, sort_keys=True, default=str)
+    return len(manifest.encode()) + len("\n".join(labels).encode()) + 4096
+
+
+def _roles(weights: list[cc.Weight], storage: dict[str, cb.Storage]) -> dict[str, dict[str, Any]]:
+    """Role -> storage name -> {tensors, parameters}: the manifest's summary by structure."""
+    out: dict[str, dict[str, Any]] = {}
+    for w in weights:
+        st = storage.get(w.name)
+        r = out.setdefault(w.role, {}).setdefault("fp16" if st is None else st.name, {"tensors": 0, "parameters": 0})
+        r["tensors"] += 1
+        r["parameters"] += w.size
+    return out
 
 
 def _build_w8a8(ctx: BuildContext, precision: str, lowering: dict[str, Any],
                 result: BuildResult, labels: list[str]) -> tuple[Any, str]:
+    """Torch-side W8A8 (`coreml_compress.quantize_w8a8`), the observer chosen on held-out images."""
     target = _TARGETS["w8a8"]
-    float_modules = tuple(ctx.recipe.options.get("float_modules", ()))
-    # Read the check images first: the calibration stream records the ids of its latest pass, which
-    # the manifest lists as the calibration set, so the calibration pass must be the last one.
-    images, ref = _fidelity_images(ctx)
-    ctx.log(f"W8A8: calibrating activation observers on {ctx.calibration_count} calibration images")
-    q = cc.quantize_w8a8(ctx.model, ctx.example_input, ctx.calibration_images(ctx.calibration_count), float_modules)
-    result.calibration_used = q.images
-    with torch.no_grad():
-        fid = compare(ref, _LOG_P(q.model(images).numpy()))
-    ctx.log(f"W8A8 torch-side: {fid.sqnr_db:.1f} dB SQNR on {len(images)} calibration images; converting ({target})")
-    mlmodel = _convert(q.model, ctx.example_input, precision, target, labels)
+    opts = ctx.recipe.options
+    plan = _quant_plan(ctx)
+    scope = str(opts.get("activation_scope", "all"))
+    wanted = str(opts.get("activation_observer", "auto"))
+    observers = cc.W8A8_OBSERVERS if wanted == "auto" else (wanted,)
+    # Held-out images: none of those that set the observers' ranges or the weight rounding's statistics
+    # (both the first images of the set). The calibration pass comes last: the stream records the ids
+    # of its latest pass, which the manifest lists as the calibration set (held_out leaves it alone).
+    data = _held_out(ctx, int(opts.get("held_out_images", 32)))
+    held_ids = data.held_ids
+    # The calibration pass comes last: the stream records the ids of its latest pass, which the manifest
+    # lists as the calibration set. They are the first statistics images of the split, never held-out ones.
+    calibration = list(ctx.calibration_images(ctx.calibration_count))
+    used = list(getattr(ctx.calibration_images, "used_ids", data.fit_ids[:len(calibration)]))
+    if not set(used) <= set(data.fit_ids):
+        raise RuntimeError(f"{ctx.recipe.name}: calibration images {sorted(set(used) - set(data.fit_ids))} are "
+                           "held out for choices; the build must calibrate on the statistics images only")
+
+    built: dict[str, cc.W8A8Model] = {}
+
+    def trial(observer: str, float_layers: tuple[str, ...]) -> Callable[[], Callable[[torch.Tensor], torch.Tensor]]:
+        def make() -> Callable[[torch.Tensor], torch.Tensor]:
+            ctx.log(f"W8A8: {observer} observers over {len(calibration)} calibration images")
+            q = cc.quantize_w8a8(ctx.model, ctx.example_input, calibration, float_layers, observer, scope)
+            if float_layers == plan.float_layers:
+                built[observer] = q
+            return q.model
+        return make
+
+    choice = choose({obs: trial(obs, plan.float_layers) for obs in observers}, data, ctx.log)
+    measured = choice.to_dict()["candidates"]
+    best = built[choice.chosen]
+    result.calibration_used = best.images
+    float_effect = None
+    if plan.float_layers:  # what keeping them float buys, on the same images
+        f = measure(trial(best.observer, ())(), data)
+        without = {"sqnr_db": round(f.sqnr_db, 2), "top1_agreement": round(f.top1_agreement, 4)}
+        float_effect = {"without_float_layers": without,
+                        "gain_db": round(measured[best.observer]["sqnr_db"] - without["sqnr_db"], 2),
+                        "note": "without them, those layers' float weights are quantized by the tool (min/max)"}
+    ctx.log(f"W8A8 torch-side: {best.observer} {measured[best.observer]['sqnr_db']} dB on held-out images; "
+            f"converting ({target})")
+    mlmodel = _convert(best.model, ctx.example_input, precision, target, labels)
     lowering["activation_quantization"] = {
-        "method": "post-training: coremltools.optimize.torch LinearQuantizer (FX), min/max observers over "
-                  "calibration images, no training; finalize -> quantize/dequantize ops",
-        "weights": "int8 symmetric, per output channel (constexpr_affine_dequantize)",
-        "activations": "int8 symmetric, per tensor, on every conv/linear input and output",
-        "float_modules": list(q.float_modules),
-        "calibration_images": q.images,
-        "torch_side_fidelity": {"images": len(images), "split": "calibration (in-sample)",
-                                "sqnr_db": round(fid.sqnr_db, 2), "top1_agreement": fid.top1_agreement},
+        "method": "post-training: coremltools.optimize.torch LinearQuantizer (FX), observers over calibration "
+                  "images with fake quantization off, no training; finalize -> quantize/dequantize ops",
+        "weights": "int8 symmetric per output channel on [-127, 127] (scale max|w| / 127: the torch-side "
+                   "rounding's grid, stored as it is; constexpr_affine_dequantize)",
+        "activations": "8-bit per tensor on every op coremltools' backend config covers (conv/linear inputs and "
+                       "outputs, GELU" + (", residual adds)" if scope == "all" else "; residual adds stay float)"),
+        "scope": scope,
+        "observer": {"chosen": best.observer, "candidates": measured,
+                     "rule": "highest SQNR of centered log-probabilities on the held-out calibration images"},
+        "float_layers": list(best.float_layers),
+        "float_layers_effect": float_effect,
+        "calibration_images": best.images,
+        "held_out_image_ids": held_ids,
+        "torch_side_fidelity": {"images": len(held_ids), "split": "calibration (held out: not the observers' images)",
+                                **measured[best.observer]},
     }
     return mlmodel, target
-
-
-def _fidelity_images(ctx: BuildContext) -> tuple[torch.Tensor, np.ndarray]:
-    """A few calibration images and the float model's log-probabilities on them (what `compare` reads)."""
-    n = min(_FIDELITY_IMAGES, max(ctx.calibration_count, 1))
-    images = torch.from_numpy(np.concatenate(list(ctx.calibration_images(n))).astype(np.float32))
-    with torch.no_grad():
-        return images, _LOG_P(ctx.float_reference.eval()(images).numpy())
 
 
 INPUT_DESCRIPTION = (
@@ -378,9 +496,13 @@ def op_histogram(prog: Any) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _inspect(path: Path, labels: list[str]) -> dict[str, Any]:
-    """Read the saved package back: check the classifier contract, count ops, describe weight storage."""
+def _inspect(path: Path, labels: list[str],
+             planned: tuple[list[cc.Weight], dict[str, cb.Storage]] | None = None) -> dict[str, Any]:
+    """Read the saved package back: check the classifier contract and the planned weight storage,
+    count ops, describe weight storage."""
     spec, prog = _read_back(path)
+    if planned is not None:
+        cc.check_storage(path, prog, *planned)
     io = {"inputs": [_feature(f) for f in spec.description.input],
           "outputs": [_feature(f) for f in spec.description.output]}
     cio = classifier_io(path, spec)  # image RGB 224x224, classifier outputs, 1000 unique labels

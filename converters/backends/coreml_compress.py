@@ -1,24 +1,21 @@
-"""Core ML compression for the ``coreml-*`` recipes: which weights get which treatment, and why.
+"""Core ML compression for the ``coreml-*`` recipes: which weights get which storage, and how.
 
 Helpers of `converters.backends.coreml` (no recipe logic lives here):
 
 * `weight_roles`: the conv/linear weights of a converted ML program, classified by structure (not
   by name): ``stem`` (the conv reading the 3-channel image), ``depthwise`` (7x7 convs, one input
   channel per group), ``downsample`` (the other convs), ``classifier`` (the linear with one output
-  per class) and ``pointwise`` (the other linears: 90 % of ConvNeXt-T's parameters).
-* `compress_weights`: weight-only compression on the Core ML side (``ct.optimize.coreml``), one
-  treatment per role; biases, LayerNorm and layer-scale vectors are never touched (coremltools skips
-  rank-1 tensors, and only ``conv``/``linear`` weights are configured at all).
+  per class) and ``pointwise`` (the other linears: 90 % of ConvNeXt-T's parameters), each with the
+  torch layer it came from (``stages.0.layers.0.pwconv1``: the name the shared float-layer plan uses).
+* `compress_weights`: weight storage on the Core ML side (``ct.optimize.coreml``), one
+  `coreml_bits.Storage` per weight, for weights already rounded on the torch side: nothing is
+  re-rounded (`exact_palette`, min/max int8 grid); `check_storage` reads back what was stored.
+  Biases, LayerNorm and layer-scale vectors are never touched.
 * `quantize_w8a8`: post-training W8A8 on the torch side (``ct.optimize.torch`` LinearQuantizer,
   observers over real calibration images, no training), the path Core ML's int8 activation ops
   come from on Linux (``linear_quantize_activations`` needs ``MLModel.predict``).
 * `weight_fidelity`: log-probabilities of the float torch model (which ends in a softmax) with a
-  package's stored weights swapped in, against the float model's: the weight-storage error alone,
-  measured in seconds with torch, used to choose the LUT granularity of ``coreml-p4``.
-
-Measured on synthetic ConvNeXt-T (``random:0``, 16 calibration images): 4-bit k-means on the stem
-alone costs as much logit SQNR as on all other 58 tensors together (the stem carries the folded
-mean/std, and every block reads its output), and the classifier and downsampling convs are next.
+  package's stored weights swapped in, against the float model's: the weight-storage error alone.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from converters.backends.coreml_bits import Storage
 from edge_convnext.contract import OUTPUT_CONTRACTS
 from edge_convnext.manifest import NUM_CLASSES
 from edge_convnext.metrics import Fidelity, compare
 
 ROLES = ("stem", "depthwise", "downsample", "pointwise", "classifier")
-_COMPRESSED_SUFFIX = re.compile(r"(_to_fp16)?(_palettized|_quantized)?$")
+_COMPRESSED_SUFFIX = re.compile(r"(_to_fp16|_cast_fp16)?(_palettized|_quantized)?$")  # converter suffixes
 
 
 @dataclass(frozen=True)
@@ -49,16 +47,24 @@ class Weight:
     name: str  # the MIL const name (also the key of ``op_name_configs``)
     role: str
     shape: tuple[int, ...]
+    layer: str | None = None  # the torch module it came from (``stages.0.layers.0.pwconv1``), when known
 
     @property
     def size(self) -> int:
         return math.prod(self.shape)
 
 
-def weight_roles(mlmodel: Any) -> list[Weight]:
-    """The ``weight`` inputs of every conv and linear op of ``mlmodel``, each with its role."""
+def mil_weight_name(layer: str) -> str:
+    """The const name (suffixes stripped) the torch converter gives ``layer.weight``: dots -> underscores."""
+    return layer.replace(".", "_") + "_weight"
+
+
+def weight_roles(mlmodel: Any, layers: Iterable[str] = ()) -> list[Weight]:
+    """The ``weight`` inputs of every conv and linear op of ``mlmodel``, each with its role and, for
+    the torch module names in ``layers``, the layer it belongs to."""
     import coremltools.optimize.coreml as cto
 
+    by_const = {mil_weight_name(n): n for n in layers}
     out = []
     for name, meta in cto.get_weights_metadata(mlmodel, weight_threshold=0).items():
         shape = tuple(int(d) for d in np.shape(meta.val))
@@ -69,54 +75,119 @@ def weight_roles(mlmodel: Any) -> list[Weight]:
             role = "classifier" if shape[0] == NUM_CLASSES else "pointwise"
         else:
             continue
-        out.append(Weight(name, role, shape))
+        out.append(Weight(name, role, shape, by_const.get(_COMPRESSED_SUFFIX.sub("", name))))
+    missing = sorted(set(by_const.values()) - {w.layer for w in out})
+    if missing:
+        raise KeyError(f"torch layers {missing[:5]} have no conv/linear weight in the ML program "
+                       f"(expected consts named like {mil_weight_name(missing[0])!r})")
     return out
 
 
-def compress_weights(
-    mlmodel: Any,
-    weights: list[Weight],
-    treatment: Mapping[str, str | None],
-    group_size: int = 16,
-) -> Any:
-    """Compress each weight by its role's treatment; returns a new MLModel.
+def compress_weights(mlmodel: Any, weights: list[Weight], storage: Mapping[str, Storage | None]) -> Any:
+    """Store each weight as ``storage[weight.name]`` says; returns a new MLModel.
 
-    Treatments: ``None`` (stays fp16), ``"int8"`` (linear symmetric, per output channel),
-    ``"lut4"`` (4-bit k-means LUT, one table per tensor: iOS16) or ``"lut4-g"`` (one table per
-    ``group_size`` output channels: iOS18; a tensor whose channel count ``group_size`` does not
-    divide gets gcd-sized groups instead of being skipped, e.g. 8 for the 1000-class head).
+    The weights must already hold what the storage can represent (rounded on the torch side:
+    `converters.weight_quant` for int8, `coreml_bits` for palettes), so nothing is re-rounded here:
+
+    * ``lut`` -> palettization whose palette is the tensor's own distinct fp16 values
+      (`exact_palette`), padded to ``2^nbits`` entries: one palette per tensor, or per group of output
+      channels (``per_grouped_channel``, iOS18; a group size that does not divide the channels falls
+      back to their gcd, e.g. 8 for the 1000-class head). A tensor with more distinct values than its
+      bits allow raises ValueError;
+    * ``int8`` -> ``linear_symmetric`` per output channel (``max|w| / 127``: the grid the torch side
+      rounded to);
+    * ``fp16`` or ``None`` -> untouched.
+
+    No global or op-type config: only the named conv/linear weights are touched, never a bias,
+    LayerNorm or layer-scale vector, whatever its size.
     """
     import coremltools.optimize.coreml as cto
 
-    def configs(kind: str) -> dict[str, Any]:
-        cfg: dict[str, Any] = {}
-        for w in weights:
-            t = treatment.get(w.role)
-            if t is None or not t.startswith(kind):
-                continue
-            if t == "int8":
-                cfg[w.name] = cto.OpLinearQuantizerConfig(
-                    mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0)
-            elif t == "lut4":
-                cfg[w.name] = cto.OpPalettizerConfig(
-                    mode="kmeans", nbits=4, granularity="per_tensor", weight_threshold=0)
-            elif t == "lut4-g":
-                cfg[w.name] = cto.OpPalettizerConfig(
-                    mode="kmeans", nbits=4, granularity="per_grouped_channel",
-                    group_size=math.gcd(w.shape[0], group_size), weight_threshold=0)
-            else:
-                raise ValueError(f"unknown weight treatment {t!r} for role {w.role!r}")
-        return cfg
-
-    # No global or op-type config: only the named conv/linear weights are touched, never a bias,
-    # LayerNorm or layer-scale vector, whatever its size.
-    lut = configs("lut4")
+    lut: dict[str, Any] = {}
+    lin: dict[str, Any] = {}
+    for w in weights:
+        st = storage.get(w.name)
+        if st is None or st.kind == "fp16":
+            continue
+        if st.kind == "int8":
+            lin[w.name] = cto.OpLinearQuantizerConfig(
+                mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0)
+        elif st.grouped:
+            lut[w.name] = cto.OpPalettizerConfig(
+                mode="custom", lut_function=exact_palette(st.nbits, w.name), granularity="per_grouped_channel",
+                group_size=w.shape[0] // st.groups(w.shape[0]), channel_axis=0, weight_threshold=0)
+        else:
+            lut[w.name] = cto.OpPalettizerConfig(
+                mode="custom", lut_function=exact_palette(st.nbits, w.name), granularity="per_tensor",
+                weight_threshold=0)
     if lut:
         mlmodel = cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=lut))
-    lin = configs("int8")
     if lin:
         mlmodel = cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=lin))
     return mlmodel
+
+
+def exact_palette(nbits: int, name: str) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """coremltools ``lut_function``: the palette of a tensor (or group) is its own distinct values.
+
+    Returns ``(lut, indices)``: ``lut`` ``[2^nbits]`` in the weight's dtype (unused entries repeat the
+    last value), ``indices`` uint8, one per element in C order. The bit width is fixed (the ``unique``
+    mode would shrink it to what the count of values needs, e.g. 3 bits, an iOS18 width, for a
+    4-bit tensor with 8 distinct values).
+    """
+
+    def lut_function(val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        uniq, idx = np.unique(np.asarray(val).reshape(-1), return_inverse=True)
+        if len(uniq) > 2 ** nbits:
+            raise ValueError(f"{name}: {len(uniq)} distinct values do not fit a {nbits}-bit palette; the weight "
+                             "was not rounded to its palette on the torch side (converters.backends.coreml_bits)")
+        lut = np.full(2 ** nbits, uniq[-1], dtype=val.dtype)
+        lut[: len(uniq)] = uniq
+        return lut, idx.astype(np.uint8)
+
+    return lut_function
+
+
+def stored_kinds(prog: Any) -> dict[str, str]:
+    """How each conv/linear weight of a loaded MIL program is stored, keyed by const name without
+    suffixes: ``"lut<n>"`` (``"lut<n>g"`` with several palettes), ``"int8"`` or ``"fp16"``/``"fp32"``."""
+    from coremltools.converters.mil.mil import types
+
+    out: dict[str, str] = {}
+    for op in prog.functions["main"].operations:
+        if op.op_type not in ("conv", "linear"):
+            continue
+        src = op.inputs["weight"].op
+        key = _COMPRESSED_SUFFIX.sub("", src.name)
+        if src.op_type == "constexpr_lut_to_dense":
+            lut = np.asarray(src.inputs["lut"].val)
+            dense_rank = len(src.outputs[0].shape)
+            # iOS16: lut [2^n]; iOS18: [*groups per axis, 2^n, vector size] with rank dense + 2
+            entries, palettes = (lut.shape[-2], lut.size // lut.shape[-2] // lut.shape[-1]) \
+                if lut.ndim == dense_rank + 2 else (lut.shape[-1], 1)
+            out[key] = f"lut{int(entries).bit_length() - 1}" + ("g" if palettes > 1 else "")
+        elif src.op_type in ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"):
+            out[key] = "int8"
+        else:
+            out[key] = types.builtin_to_string(src.outputs[0].dtype)
+    return out
+
+
+def check_storage(path: Path, prog: Any, weights: list[Weight], storage: Mapping[str, Storage | None]) -> None:
+    """Raise RuntimeError naming every weight of ``path`` not stored as planned (e.g. a palette that
+    coremltools skipped because the tensor had more distinct values than its bits allow)."""
+    got = stored_kinds(prog)
+    wrong = []
+    for w in weights:
+        st = storage.get(w.name)
+        want = "fp16" if st is None else st.name
+        if st is not None and st.grouped and st.groups(w.shape[0]) == 1:
+            want = want[:-1]  # one group covers the tensor: a single palette
+        have = got.get(_COMPRESSED_SUFFIX.sub("", w.name))
+        if have != want:
+            wrong.append(f"{w.layer or w.name}: planned {want}, stored {have}")
+    if wrong:
+        raise RuntimeError(f"{path}: {len(wrong)} weights are not stored as planned: {wrong[:5]}")
 
 
 def storage_summary(prog: Any) -> dict[str, Any]:
@@ -193,27 +264,46 @@ def calibration_batches(images: Iterable[np.ndarray], batch: int = 8) -> Iterato
         yield torch.from_numpy(np.concatenate(buf))
 
 
+W8A8_OBSERVERS = ("min_max", "ema_min_max", "moving_average_min_max")  # what coremltools.optimize.torch offers
+W8A8_SCOPES = ("all", "no_residual_add")
+
+
 @dataclass
 class W8A8Model:
     model: torch.nn.Module  # finalized: quantize/dequantize around every conv/linear, int8 weights
     images: int  # calibration images the observers saw
-    float_modules: tuple[str, ...]  # modules left in float
+    float_layers: tuple[str, ...]  # conv/linear modules left in float (torch names)
+    observer: str
+    scope: str
 
 
 def quantize_w8a8(
     model: torch.nn.Module,
     example: torch.Tensor,
     images: Iterable[np.ndarray],
-    float_modules: tuple[str, ...] = (),
+    float_layers: tuple[str, ...] = (),
+    observer: str = "min_max",
+    scope: str = "all",
+    batch: int = 8,
 ) -> W8A8Model:
     """Post-training W8A8 with coremltools' torch quantizer (FX graph mode, Core ML backend config).
 
-    Weights int8 symmetric per output channel; activations 8-bit symmetric per tensor (the scheme
-    the Neural Engine's int8-int8 path takes). Observers are min/max: a moving average over a
-    stream of single images keeps mostly the first images' ranges (measured 4 dB worse here).
+    Weights int8 symmetric per output channel on ``[-127, 127]`` (``scale = max|w| / 127``: the grid
+    `converters.weight_quant` rounds to, so rounded weights are stored exactly; the tool's default
+    ``[-128, 127]`` range has ``scale = max|w| / 127.5`` and re-rounds every weight). Activations
+    8-bit per tensor (the scheme the Neural Engine's int8-int8 path takes), ``observer`` one of
+    `W8A8_OBSERVERS` over batches of ``batch`` images: ``min_max`` keeps the extremes of all
+    images; ``ema_min_max`` averages the batches' extremes (weight 0.1 for the newest);
+    ``moving_average_min_max`` is torch's (weight 0.01: it stays near the first batch).
+    ``scope`` ``"all"`` quantizes every op the tool's backend config covers (conv/linear inputs and
+    outputs, GELU, the residual adds); ``"no_residual_add"`` leaves the residual adds in float, so
+    the residual stream is not rounded to 8 bits at every block. ``float_layers`` (torch module
+    names) keep float weights and no quantizer of their own (``module_name_configs`` None).
     Calibration runs with fake quantization off, so each observer sees float activations (as in
     PT2E ``prepare``); ``finalize`` then writes the quantize/dequantize pairs.
     """
+    import operator
+
     import torch.ao.quantization as aoq
     from coremltools.optimize.torch.quantization import (
         LinearQuantizer,
@@ -221,6 +311,10 @@ def quantize_w8a8(
         ModuleLinearQuantizerConfig,
     )
 
+    if observer not in W8A8_OBSERVERS:
+        raise ValueError(f"unknown activation observer {observer!r}; coremltools offers {W8A8_OBSERVERS}")
+    if scope not in W8A8_SCOPES:
+        raise ValueError(f"unknown activation scope {scope!r}; choose one of {W8A8_SCOPES}")
     config = LinearQuantizerConfig(
         global_config=ModuleLinearQuantizerConfig(
             quantization_scheme="symmetric",
@@ -228,26 +322,34 @@ def quantize_w8a8(
             weight_per_channel=True,
             weight_observer="min_max",
             activation_dtype="quint8",
-            activation_observer="min_max",
+            activation_observer=observer,
             milestones=None,
         ),
-        module_name_configs={name: None for name in float_modules},
+        module_type_configs={operator.add: None} if scope == "no_residual_add" else {},
+        module_name_configs={name: None for name in float_layers},
     )
     quantizer = LinearQuantizer(model, config)
     prepared = quantizer.prepare(example_inputs=(example,))  # a deep copy: `model` is untouched
     prepared.eval()
+    narrowed = 0
+    for m in prepared.modules():
+        if isinstance(m, aoq.FakeQuantizeBase) and m.dtype == torch.qint8:  # the weights' quantizers
+            m.quant_min = m.activation_post_process.quant_min = -127
+            narrowed += 1
+    if narrowed == 0:
+        raise RuntimeError("coremltools' W8A8 quantizer created no int8 weight quantizer to narrow to [-127, 127]")
     prepared.apply(aoq.enable_observer)
     prepared.apply(aoq.disable_fake_quant)
     seen = 0
     with torch.no_grad():
-        for batch in calibration_batches(images):
-            prepared(batch)
-            seen += len(batch)
+        for b in calibration_batches(images, batch):
+            prepared(b)
+            seen += len(b)
     if seen == 0:
         raise ValueError("W8A8 calibration got no images; the calibration split is empty or unreadable")
     prepared.apply(aoq.disable_observer)
     prepared.apply(aoq.enable_fake_quant)
-    return W8A8Model(quantizer.finalize(inplace=False).eval(), seen, tuple(float_modules))
+    return W8A8Model(quantizer.finalize(inplace=False).eval(), seen, tuple(float_layers), observer, scope)
 
 
 def package_bytes(path: Path) -> int:
