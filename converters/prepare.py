@@ -153,12 +153,23 @@ class Preparation:
         scheme = self.scheme(recipe)
         if scheme is not None:  # dynamic layers that are float do not change the simulation: one cache key
             scheme = Scheme(scheme.kind, tuple(n for n in scheme.dynamic_layers if n in plan.quantized))
-        alphas = tuple(recipe.options.get("smoothing", {}).get("alphas", ()))
+        smoothing = recipe.options.get("smoothing", {})
+        alphas = tuple(smoothing.get("alphas", ()))
         if alphas:
-            if scheme is None:
+            sim = scheme
+            if sim is None and smoothing.get("simulated_as"):
+                # A proxy, named by the recipe: its own scheme is not simulated (tflite-int8-all's int8
+                # LayerNorm, GELU and adds), but the LayerNorm outputs the migration acts on are quantized
+                # the same way in the proxy.
+                sim = Scheme(str(smoothing["simulated_as"]))
+            if sim is None:
                 raise EdgeConvNextError(f"{recipe.name}: smoothing needs a simulated activation scheme; "
                                         f"{recipe.format.key} {recipe.precision} has none")
-            prepared.model, prepared.smoothing = self._smooth(model, passes, plan, scheme, alphas)
+            prepared.model, prepared.smoothing = self._smooth(model, passes, plan, sim, alphas)
+            if sim is not scheme:
+                prepared.smoothing = {**prepared.smoothing, "proxy": (
+                    f"the recipe's own quantization is not simulated; strength chosen with {sim.kind} activations "
+                    "at every conv/linear input and output simulated instead (recipe option simulated_as)")}
 
         prepared.float_model = prepared.model
         rounding = recipe.options.get("weight_rounding")

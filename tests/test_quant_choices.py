@@ -188,3 +188,25 @@ def test_convert_records_every_choice_on_calibration_images_only(tmp_path, monke
     assert {f["name"] for f in low["float_layers"]["float_layers"]} >= {"classifier"}
     assert low["quantization"]["calibration"]["tensors_ranged_on_torch_side"] == low["activation_ranges"]["points"]
     assert m.parity["status"] == "measured"
+
+
+def test_int8_all_chooses_its_migration_on_a_named_proxy_simulation(tmp_path, monkeypatch, subset):
+    """tflite-int8-all's own int8 LayerNorm/GELU/adds are not simulated: its migration strength is chosen
+    with the static conv/linear simulation its recipe names (``simulated_as``), and the manifest says so."""
+    import converters.build as build
+    from edge_convnext.manifest import read_manifest
+    from edge_convnext.recipes import get_recipe
+
+    base = get_recipe("tflite-int8-all")
+    assert base.options["smoothing"]["simulated_as"] == "static"
+    recipe = dataclasses.replace(base, options={**base.options,
+                                                "smoothing": {"alphas": [0.0, 0.5], "simulated_as": "static"}})
+    monkeypatch.setattr(build, "select_recipes", lambda spec: [recipe])
+    convert_tiny(tmp_path, "tflite-int8-all", reference_images=8, parity_images=4, calibration_images=32)
+    m = read_manifest(tmp_path / "tflite-int8-all.json")
+    rec = m.lowering["smoothing"]
+    assert rec["chosen"] in rec["candidates"] and set(rec["candidates"]) == {"alpha 0", "alpha 0.5"}
+    assert "not simulated" in rec["proxy"] and (rec["pairs_migrated"] > 0) == (rec["alpha"] > 0)
+    evaluation = {s.image_id for s in subset.split("evaluation")}
+    assert not (set(rec["held_out_ids"]) | set(rec["fit_ids"])) & evaluation
+    assert m.lowering["quantization"]["activation_scope"] == "all"
