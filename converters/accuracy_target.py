@@ -128,8 +128,7 @@ def rank_layers(float_model: nn.Module, rounded: nn.Module, plan: QuantPlan, sch
 
     ``float_model``: the prepared model before weight rounding; ``rounded``: after it.
     """
-    quick = HeldOut(data.fit, data.fit_ids, data.held[:RANK_IMAGES], data.held_ids[:RANK_IMAGES],
-                    data.reference[:RANK_IMAGES])
+    quick = data.first(RANK_IMAGES)
     out = []
     layers = plan.quantized
     for i, name in enumerate(layers, 1):

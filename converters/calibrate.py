@@ -65,6 +65,10 @@ class HeldOut:
         held_imgs, held_ids = list(images[n - held:]), list(ids[n - held:])
         return cls(list(images[:fit]), list(ids[:fit]), held_imgs, held_ids, log_probabilities(float_model, held_imgs))
 
+    def first(self, k: int) -> HeldOut:
+        """The same split with only the first ``k`` held-out images (quicker measurements)."""
+        return HeldOut(self.fit, self.fit_ids, self.held[:k], self.held_ids[:k], self.reference[:k])
+
     def to_dict(self) -> dict[str, Any]:
         return {"fit_images": len(self.fit_ids), "held_out_images": len(self.held_ids),
                 "fit_ids": self.fit_ids, "held_out_ids": self.held_ids}

@@ -510,8 +510,8 @@ class CoreMLLayers:
         bias = op.inputs.get("bias")
         b = None if bias is None or bias.val is None else torch.from_numpy(np.asarray(bias.val, dtype=np.float32))
         act_in = _mil_act(op.inputs["x"].op, "dequantize")
-        outs = [c for c in op.outputs[0].child_ops if c.op_type == "quantize"]
-        act_out = _mil_act(outs[0], "quantize") if len(outs) == 1 else None
+        out_q = _only_child(op.outputs[0], "quantize")
+        act_out = _mil_act(out_q, "quantize") if out_q is not None else None
         if act_in is not None or act_out is not None:
             quantized = True
         return StoredLayer(name, quantized, kind, f"{op.op_type} {op.name}",
@@ -545,12 +545,15 @@ def _carried_output(op: Any) -> str:
     quantize/dequantize pair (what `simulate_layer` computes, like LiteRT's int8 output tensor), else
     the op's own output."""
     out = op.outputs[0]
-    q = [c for c in out.child_ops if c.op_type == "quantize"]
-    if len(q) == 1:
-        dq = [c for c in q[0].outputs[0].child_ops if c.op_type == "dequantize"]
-        if len(dq) == 1:
-            return str(dq[0].outputs[0].name)
-    return str(out.name)
+    q = _only_child(out, "quantize")
+    dq = _only_child(q.outputs[0], "dequantize") if q is not None else None
+    return str((dq.outputs[0] if dq is not None else out).name)
+
+
+def _only_child(var: Any, op_type: str) -> Any | None:
+    """The one op of ``op_type`` reading MIL value ``var``; None when there is none or several."""
+    found = [c for c in var.child_ops if c.op_type == op_type]
+    return found[0] if len(found) == 1 else None
 
 
 def _mil_act(op: Any, kind: str) -> ActQuant | None:

@@ -192,25 +192,14 @@ def test_executorch_xnnpack_quantizer_keeps_the_rounded_weights(rounded, make_co
 
 
 def test_coreml_w8_stores_the_rounded_weights(rounded, make_context, tmp_path):
-    ct = pytest.importorskip("coremltools")
-    from converters.backends import coreml, coreml_compress as cc
-    from coremltools.converters.mil.frontend.milproto.load import load
+    pytest.importorskip("coremltools")
+    from converters.backends import coreml
 
     ctx = make_context("coreml-w8")
     ctx.model = rounded
     coreml.build(ctx, tmp_path / "m.mlpackage")
-    m = ct.models.MLModel(str(tmp_path / "m.mlpackage"), skip_model_load=True)
-    spec = m.get_spec()
-    prog = load(spec, specification_version=spec.specificationVersion, file_weights_dir=m.weights_dir)
     # the int8 data and scales of each constexpr_affine_dequantize, keyed by the torch layer name
-    stored_by_name = {}
-    for op in prog.functions["main"].operations:
-        if op.op_type == "constexpr_affine_dequantize":
-            data, scale = op.quantized_data.val.astype(np.float64), op.scale.val.astype(np.float64)
-            axis = int(op.axis.val)
-            shape = [1] * data.ndim
-            shape[axis] = -1
-            stored_by_name[cc._COMPRESSED_SUFFIX.sub("", op.name)] = (data * scale.reshape(shape), axis)
+    stored_by_name = _coreml_int8_weights(tmp_path / "m.mlpackage")
     keys = [name.replace(".", "_") + "_weight" for name, _ in quantizable(rounded)]
     stored = [stored_by_name[k] for k in keys if k in stored_by_name]  # the stem stays fp16 in this recipe
     assert len(stored) >= sum(1 for k in keys if "dwconv" in k or "pwconv" in k)

@@ -331,8 +331,7 @@ def _held_out(ctx: BuildContext, n: int) -> HeldOut:
             raise TypeError(f"{ctx.recipe.name}: choices are measured on held-out calibration images, so a build "
                             "context without held_out needs a calibration stream that records image ids")
         data = HeldOut.split(images, ids, ctx.float_reference.eval(), fit=ctx.calibration_count, held=held)
-    k = min(n, len(data.held))
-    return HeldOut(data.fit, data.fit_ids, data.held[:k], data.held_ids[:k], data.reference[:k])
+    return data.first(n)
 
 
 def _metadata_bytes(ctx: BuildContext, labels: list[str]) -> int:
@@ -362,8 +361,7 @@ def _build_w8a8(ctx: BuildContext, precision: str, lowering: dict[str, Any],
     wanted = str(opts.get("activation_observer", "auto"))
     observers = cc.W8A8_OBSERVERS if wanted == "auto" else (wanted,)
     # Held-out images: none of those that set the observers' ranges or the weight rounding's statistics
-    # (both the first images of the set). The calibration pass comes last: the stream records the ids
-    # of its latest pass, which the manifest lists as the calibration set (held_out leaves it alone).
+    # (both the first images of the set).
     data = _held_out(ctx, int(opts.get("held_out_images", 32)))
     held_ids = data.held_ids
     # The calibration pass comes last: the stream records the ids of its latest pass, which the manifest

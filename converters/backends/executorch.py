@@ -253,7 +253,7 @@ def _set_chosen_ranges(prepared: torch.fx.GraphModule, ctx: BuildContext) -> int
     """
     from torchao.quantization.pt2e import MinMaxObserver, ObserverBase
 
-    chosen = getattr(ctx, "activation_ranges", None)
+    chosen = ctx.activation_ranges
     if not chosen:
         return 0
     wanted: dict[str, tuple[float, float]] = {}
@@ -271,9 +271,9 @@ def _set_chosen_ranges(prepared: torch.fx.GraphModule, ctx: BuildContext) -> int
         name = _layer_name(node)
         if quantized is not None and name not in quantized:  # float (e.g. by an accuracy target): no range
             continue
-        if (name, "input") in chosen:
+        if Point(name, "input") in chosen:
             want(node.args[0], chosen[Point(name, "input")])
-        if (name, "output") in chosen:
+        if Point(name, "output") in chosen:
             for user in node.users:
                 want(user, chosen[Point(name, "output")])
     for target, (lo, hi) in wanted.items():
