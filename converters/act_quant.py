@@ -16,7 +16,9 @@ export model and keyed by torch layer names (`converters.quant_plan`):
     given ranges (LiteRT static int8 with the ``compute`` scope: QUANTIZE before each conv/FC and
     int8 outputs dequantized after);
   - ``dynamic``: per-row asymmetric int8 of every quantized layer's input, computed on the fly, float
-    output (LiteRT dynamic-range int8; the classifier of the static recipes).
+    output (LiteRT dynamic-range int8; the classifier of the static recipes);
+  - ``static`` and ``symmetric``: the same points on a grid with zero point 0 (Core ML W8A8), where
+    a range ``[lo, hi]`` is quantized over ``[-max(|lo|, |hi|), max(|lo|, |hi|)]``.
 
   Measured on synthetic ConvNeXt-T against the built ``.tflite``: static simulation 26.08 dB, the
   artifact 26.0 dB SQNR (same plan, weights and min/max ranges).
@@ -129,6 +131,16 @@ def fake_quant(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return torch.fake_quantize_per_tensor_affine(t, scale, zp, QMIN, QMAX)
 
 
+def fake_quant_symmetric(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``t`` quantized to symmetric per-tensor 8 bits for the range [lo, hi] and dequantized (float32, same shape).
+
+    torch's symmetric ``quint8`` (coremltools' activation scheme): zero point 128 of [0, 255], scale
+    ``max(|lo|, |hi|) / 127.5``; the same grid as int8 with zero point 0.
+    """
+    scale = max(abs(lo), abs(hi), 1e-12) / ((QMAX - QMIN) / 2)
+    return torch.fake_quantize_per_tensor_affine(t, scale, 0, QMIN, QMAX)
+
+
 def fake_quant_rows(t: torch.Tensor, dims: int = 1) -> torch.Tensor:
     """Dynamic-range int8 of ``t``: asymmetric, one range per row over the last ``dims`` dims, each
     row's own [min, max] widened to include 0 (LiteRT's and XNNPACK's qd8 run-time quantization)."""
@@ -183,16 +195,18 @@ def static_points(layers: Iterable[str]) -> list[Point]:
 @contextlib.contextmanager
 def simulate(model: nn.Module, scheme: Literal["static", "dynamic"], layers: Iterable[str],
              ranges: Mapping[Point, tuple[float, float]] | None = None,
-             dynamic_layers: Iterable[str] = ()) -> Iterator[nn.Module]:
+             dynamic_layers: Iterable[str] = (), symmetric: bool = False) -> Iterator[nn.Module]:
     """Fake-quantize ``layers``' activations of ``model`` in place while the context is open.
 
-    ``static``: each layer's input and output with ``ranges`` (per point); ``dynamic``: each layer's
-    input per row. ``dynamic_layers`` are dynamic in either scheme (the static recipes' classifier).
+    ``static``: each layer's input and output with ``ranges`` (per point; on symmetric grids if
+    ``symmetric``); ``dynamic``: each layer's input per row. ``dynamic_layers`` are dynamic in either
+    scheme (the static recipes' classifier).
     Weights are not touched: pass a model whose weights are already rounded to the int8 grid.
     """
     modules = dict(model.named_modules())
     handles = []
     dyn = set(dynamic_layers)
+    fq = fake_quant_symmetric if symmetric else fake_quant
     try:
         for name in layers:
             m = modules[name]
@@ -203,9 +217,9 @@ def simulate(model: nn.Module, scheme: Literal["static", "dynamic"], layers: Ite
                 raise ValueError("a static simulation needs ranges")
             lo, hi = ranges[Point(name, "input")]
             handles.append(m.register_forward_pre_hook(
-                lambda mod, inp, lo=lo, hi=hi: (fake_quant(inp[0], lo, hi), *inp[1:])))
+                lambda mod, inp, lo=lo, hi=hi: (fq(inp[0], lo, hi), *inp[1:])))
             lo, hi = ranges[Point(name, "output")]
-            handles.append(m.register_forward_hook(lambda mod, inp, out, lo=lo, hi=hi: fake_quant(out, lo, hi)))
+            handles.append(m.register_forward_hook(lambda mod, inp, out, lo=lo, hi=hi: fq(out, lo, hi)))
         yield model
     finally:
         for h in handles:
@@ -216,10 +230,12 @@ def simulate(model: nn.Module, scheme: Literal["static", "dynamic"], layers: Ite
 class Scheme:
     """How a recipe quantizes activations, as simulated here: ``kind`` ``"static"``, ``"dynamic"`` or
     ``"weights"`` (weight-only: nothing to simulate); ``dynamic_layers`` are dynamic whatever the kind
-    (LiteRT's static recipes keep the classifier dynamic-range)."""
+    (LiteRT's static recipes keep the classifier dynamic-range); ``symmetric``: static grids with zero
+    point 0 (Core ML W8A8)."""
 
     kind: Literal["static", "dynamic", "weights"]
     dynamic_layers: tuple[str, ...] = ()
+    symmetric: bool = False
 
 
 def simulated(model: nn.Module, layers: Iterable[str], scheme: Scheme,
@@ -230,7 +246,8 @@ def simulated(model: nn.Module, layers: Iterable[str], scheme: Scheme,
     layers = list(layers)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with simulate(model, scheme.kind, layers, ranges, dynamic_layers=scheme.dynamic_layers):  # type: ignore[arg-type]
+        with simulate(model, scheme.kind, layers, ranges, dynamic_layers=scheme.dynamic_layers,  # type: ignore[arg-type]
+                      symmetric=scheme.symmetric):
             return model(x)
 
     return run

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from converters import rewrites
+from converters.centering import center_inputs
 from converters.layer_artifacts import LayerSource, open_layers
 from converters.model import export_model
 from converters.quant_plan import QuantPlan, quantizable_layers
@@ -61,7 +62,8 @@ class FloatModel:
 
 
 def rebuild_float_model(manifest: Manifest, samples: Sequence[Sample], source: str = "manifest") -> FloatModel:
-    """The manifest's weights -> export model -> recorded rewrites -> recorded LayerNorm migration (if any).
+    """The manifest's weights -> export model -> recorded rewrites -> recorded LayerNorm migration and input
+    centring (if any).
 
     ``samples``: the calibration images the migration's recorded ``fit_ids`` are looked up in.
     `WeightsError` when the weights' sha256 differs from the manifest's.
@@ -102,6 +104,10 @@ def rebuild_float_model(manifest: Manifest, samples: Sequence[Sample], source: s
                                 f"recorded {sm['pairs_migrated']}")
         record["smoothing"] = {"alpha": float(sm["alpha"]), "pairs": changed, "fit_images": len(images),
                                "how": "channel maxima recomputed on the recorded fit_ids, recorded strength"}
+    centred = ((low.get("activation_ranges") or {}).get("centered_inputs") or {}).get("centers")
+    if centred:  # the layers' inputs as the artifact's layers read them (`converters.centering`)
+        model = center_inputs(model, {str(k): float(v) for k, v in centred.items()})
+        record["centered_inputs"] = len(centred)
     if layout:
         model = rewrites.apply(model, layout)[0]
     return FloatModel(model.eval(), plan, record)

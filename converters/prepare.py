@@ -11,7 +11,8 @@ the same share one result):
 4. int8 weight rounding of the layers the plan quantizes (``weight_rounding``, `converters.weight_quant`);
 5. activation ranges for static schemes (``activation_ranges``: the candidate estimators), chosen on
    the held-out images with the rounded weights; the backend stores them (LiteRT: its calibration
-   values, by tensor).
+   values, by tensor). For symmetric schemes, the inputs of the layers ``center_inputs`` names are
+   centred on their range's midpoint (`converters.centering`), within each candidate's measurement.
 
 Statistics come from the first calibration images, choices are measured on the last ones
 (`converters.calibrate.HeldOut`); the backends calibrate on the statistics images only. Every choice
@@ -20,6 +21,8 @@ is recorded with its candidates' numbers and both image lists.
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 
 from converters import rewrites
+from converters.centering import center_inputs, centerable, midpoints
 from converters.act_quant import ESTIMATORS, Observation, Point, Scheme, observe, simulated, static_points
 from converters.calibrate import Choice, HeldOut, choose
 from converters.calibration import CalibrationStream
@@ -44,7 +48,7 @@ SCHEMES: dict[tuple[ArtifactFormat, str], Scheme] = {
     (ArtifactFormat.TFLITE, "dynamic-int8"): Scheme("dynamic"),
     (ArtifactFormat.EXECUTORCH, "int8"): Scheme("static"),
     (ArtifactFormat.EXECUTORCH, "dynamic-int8"): Scheme("dynamic"),
-    (ArtifactFormat.COREML, "w8a8"): Scheme("static"),
+    (ArtifactFormat.COREML, "w8a8"): Scheme("static", symmetric=True),
 }
 
 
@@ -152,7 +156,7 @@ class Preparation:
 
         scheme = self.scheme(recipe)
         if scheme is not None:  # dynamic layers that are float do not change the simulation: one cache key
-            scheme = Scheme(scheme.kind, tuple(n for n in scheme.dynamic_layers if n in plan.quantized))
+            scheme = dataclasses.replace(scheme, dynamic_layers=tuple(n for n in scheme.dynamic_layers if n in plan.quantized))
         smoothing = recipe.options.get("smoothing", {})
         alphas = tuple(smoothing.get("alphas", ()))
         if alphas:
@@ -187,14 +191,18 @@ class Preparation:
             prepared.model, prepared.weight_rounding = self._rounded[key]
 
         estimators = tuple(recipe.options.get("activation_ranges", {}).get("estimators", ()))
+        center = _centered(recipe, plan, scheme)
         if estimators:
             if scheme is None or scheme.kind != "static":
                 raise EdgeConvNextError(f"{recipe.name}: activation range estimators apply to static schemes only")
             key = (passes, _alpha(prepared.smoothing), rounding and WeightQuantConfig(**dict(rounding)),
-                   plan.float_layers, scheme, estimators)
+                   plan.float_layers, scheme, estimators, center)
             if key not in self._ranges:
-                self._ranges[key] = self._choose_ranges(prepared.model, plan, scheme, estimators)
-            prepared.activation_ranges, prepared.ranges_choice = self._ranges[key]
+                self._ranges[key] = self._choose_ranges(prepared.model, plan, scheme, estimators, center)
+            prepared.activation_ranges, prepared.ranges_choice, prepared.model = self._ranges[key]
+        elif center:
+            raise EdgeConvNextError(f"{recipe.name}: center_inputs needs activation range estimators (the centres are "
+                                    "the chosen ranges' midpoints)")
 
         if layout:
             prepared.model, done = rewrites.apply(prepared.model, layout)
@@ -243,8 +251,10 @@ class Preparation:
         self._smoothed[key] = (smoothed, record)
         return self._smoothed[key]
 
-    def _choose_ranges(self, model: torch.nn.Module, plan: QuantPlan, scheme: Scheme,
-                       names: tuple[str, ...]) -> tuple[dict[Point, tuple[float, float]], dict[str, Any]]:
+    def _choose_ranges(self, model: torch.nn.Module, plan: QuantPlan, scheme: Scheme, names: tuple[str, ...],
+                       center: tuple[str, ...] = ()) -> tuple[dict[Point, tuple[float, float]], dict[str, Any], torch.nn.Module]:
+        """(ranges, record, model): the chosen estimator's ranges for the model returned (``model`` itself, or
+        with ``center``'s inputs centred on those ranges' midpoints, its ranges shifted to match)."""
         data = self.held_out()
         unknown = [n for n in names if n not in ESTIMATORS]
         if unknown:
@@ -253,11 +263,45 @@ class Preparation:
         self.log(f"observing {2 * len(static)} activation points on {len(data.fit)} calibration images")
         obs = observe(model, static_points(static), data.fit)
         ranges = {n: _ranges(obs, ESTIMATORS[n]) for n in names}
-        self.log(f"choosing the activation range estimator among {list(names)}")
-        choice = choose({n: (lambda n=n: _simulated(model, plan, scheme, data, ranges[n])) for n in names}, data, self.log)
+        centred = {n: _centre(model, ranges[n], center) for n in names}
+        self.log(f"choosing the activation range estimator among {list(names)}"
+                 + (f" ({len(center)} layer inputs centred)" if center else ""))
+        choice = choose({n: (lambda n=n: _simulated(centred[n][0], plan, scheme, data, centred[n][1])) for n in names},
+                        data, self.log)
         record = {"estimator": choice.chosen, "points": len(ranges[choice.chosen]), **choice.to_dict(), **data.to_dict()}
+        chosen_model, chosen_ranges, centers = centred[choice.chosen]
+        if centers:
+            record["centered_inputs"] = {"centers": centers, "symmetric": scheme.symmetric,
+                                         "how": "input shifted by -c after its producer, W c added to the bias "
+                                                "(converters.centering); c: the midpoint of the chosen range"}
         self.log(f"activation ranges: {choice.chosen}")
-        return ranges[choice.chosen], record
+        return chosen_ranges, record, chosen_model
+
+
+def _centered(recipe: Recipe, plan: QuantPlan, scheme: Scheme | None) -> tuple[str, ...]:
+    """The quantized layers whose inputs ``recipe`` centres (option ``center_inputs``: fnmatch patterns)."""
+    patterns = tuple(recipe.options.get("center_inputs", ()))
+    if not patterns:
+        return ()
+    if scheme is None or not scheme.symmetric:
+        raise EdgeConvNextError(f"{recipe.name}: center_inputs is for symmetric activation schemes only")
+    names = tuple(n for n in plan.quantized if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+    bad = [n for n in names if not centerable(n)]
+    if not names or bad:
+        raise EdgeConvNextError(f"{recipe.name}: center_inputs {list(patterns)} must match quantized layers whose input "
+                                f"can be shifted; got {bad or 'none'}")
+    return names
+
+
+def _centre(model: torch.nn.Module, ranges: dict[Point, tuple[float, float]], layers: tuple[str, ...]
+            ) -> tuple[torch.nn.Module, dict[Point, tuple[float, float]], dict[str, float]]:
+    """``model`` with ``layers``' inputs centred on their ranges' midpoints, the ranges shifted to match, the centres."""
+    if not layers:
+        return model, ranges, {}
+    centers = midpoints({n: ranges[Point(n, "input")] for n in layers})
+    shifted = {p: ((lo - centers[p.layer], hi - centers[p.layer]) if p.where == "input" and p.layer in centers
+                   else (lo, hi)) for p, (lo, hi) in ranges.items()}
+    return center_inputs(model, centers), shifted, centers
 
 
 def _ranges(obs: dict[Point, Observation], estimator: Any) -> dict[Point, tuple[float, float]]:

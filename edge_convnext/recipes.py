@@ -136,7 +136,9 @@ RECIPES: tuple[Recipe, ...] = (
                     "backend_choices": ("storage",)}),
     Recipe("coreml-w8a8", _C, "w8a8", "8-bit weights and activations, calibrated (torch-side quantizer)",
            calibrated=True, options={"compute_precision": "fp16", "weights": "int8", "activations": "int8",
-                                     **_INT8_WEIGHTS, **_MIGRATION, "rewrites": ("fold_layer_scale",),
+                                     **_INT8_WEIGHTS, **_MIGRATION, **_RANGES, "rewrites": ("fold_layer_scale",),
+                                     # Symmetric activations: the GELU outputs are centred (converters.centering).
+                                     "center_inputs": ("stages.*.pwconv2",),
                                      "float_layers": ("stages.*.dwconv", *_EDGE_FLOAT),
                                      "activation_scope": "no_residual_add",
                                      "backend_choices": ("activation_observer",)}),

@@ -394,6 +394,55 @@ def test_w8a8_float_layers_stay_float_in_the_program(build):
     assert np.isfinite(aq["float_layers_effect"]["gain_db"])
 
 
+def test_w8a8_quantizes_a_centred_input_once_on_the_chosen_ranges(tiny_weights, tiny_calibration):
+    """A `Shift` is quantized after it, not before (no quantizer reads GELU's output); the chosen ranges
+    set the layers' quantizers and the ones re-quantizing their outputs after a permute or DropPath."""
+    import torch
+
+    from converters.act_quant import Point, observe, static_points
+    from converters.centering import center_inputs
+    from converters.model import export_model
+
+    from converters import rewrites
+
+    # As the recipe: the layer scale folded, so pwconv2's output reaches the add through a permute and DropPath only
+    model = rewrites.apply(export_model(tiny_weights.model, tiny_weights.preprocessing).eval(), ["fold_layer_scale"])[0]
+    images = list(tiny_calibration(4))
+    pw2 = [n for n, _ in model.named_modules() if n.endswith("pwconv2")]
+    centred = center_inputs(model, {n: 1.0 for n in pw2})
+    obs = observe(centred, static_points(pw2), images)
+    ranges = {p: (o.lo * 0.5, o.hi * 0.5) for p, o in obs.items()}  # not what an observer would compute
+    q = cc.quantize_w8a8(centred, torch.from_numpy(images[0]), images, scope="no_residual_add", ranges=ranges)
+    quantized = {str(n.args[0]): n for n in q.model.graph.nodes
+                 if n.op == "call_function" and "quantize_per_tensor" in str(n.target)}
+    assert quantized and not [k for k in quantized if k.startswith("gelu")]
+
+    def scale(node) -> float:
+        return float(getattr(q.model, str(node.args[1].target)))
+
+    subs = [n for n in q.model.graph.nodes if n.op == "call_function" and str(n.name).startswith("sub")]
+    assert len(subs) == len(pw2)
+    for sub, name in zip(subs, pw2):
+        lo, hi = ranges[Point(name, "input")]
+        assert scale(quantized[sub.name]) == pytest.approx(max(abs(lo), abs(hi)) / 127.5, rel=1e-5)
+    for name in pw2:
+        lo, hi = ranges[Point(name, "output")]
+        layer = name.replace(".", "_")
+        # its own quantizer, then the permute back to NCHW's and the DropPath's: one grid, no second rounding
+        chain = [layer, *[str(u) for u in q.model.graph.nodes if str(u) in quantized and str(u).startswith("permute")
+                          and str(u.args[0]).startswith("dequantize") and _reads(u, quantized[layer])],
+                 f"{layer[: -len('pwconv2')]}drop_path"]
+        assert len(chain) == 3 and all(k in quantized for k in chain), chain
+        for k in chain:
+            assert scale(quantized[k]) == pytest.approx(max(abs(lo), abs(hi)) / 127.5, rel=1e-5), k
+
+
+def _reads(node, quantize) -> bool:
+    """Whether fx ``node`` reads the dequantized value of ``quantize`` (through one dequantize)."""
+    deq = node.args[0]
+    return any(a is quantize for a in deq.args)
+
+
 def _ids(node) -> set[str]:
     """Every string under a manifest key ending in ``image_ids``."""
     out: set[str] = set()
@@ -422,6 +471,11 @@ def test_manifests_record_only_calibration_images(tmp_path, subset):
     held = set(aq["lowering"]["activation_quantization"]["held_out_image_ids"])
     assert held and not held & set(aq["calibration"]["image_ids"])
     assert not held & set(aq["lowering"]["weight_rounding"]["image_ids"])
+    # Symmetric activations: every quantized pwconv2 input centred, by a sub the program runs in front of it
+    centred = aq["lowering"]["activation_ranges"]["centered_inputs"]
+    assert centred["symmetric"] and centred["centers"] and all(k.endswith(".pwconv2") for k in centred["centers"])
+    assert aq["lowering"]["op_histogram"].get("sub", 0) >= len(centred["centers"])
+    assert aq["lowering"]["activation_quantization"]["ranges"].startswith("the conv/linear inputs' and outputs' ranges")
 
 
 # ---- the runner -------------------------------------------------------------------------------

@@ -108,3 +108,38 @@ def test_a_recipe_option_applies_rewrites_and_the_manifest_records_them(tmp_path
     assert m.parity["passed"] and m.parity["max_abs"] <= 1e-3
     assert m.lowering["ops"]["DEPTHWISE_CONV_2D"] == 3 * 5
     assert "PAD" not in m.lowering["ops"] and "SLICE" not in m.lowering["ops"]  # "same" padding in every piece
+
+
+def test_centring_inputs_is_float_equal_and_shifts_what_the_layer_reads(model_and_images):
+    """`converters.centering`: ``W x + b = W (x - c) + (b + W c)``; the layer's input hook sees ``x - c``."""
+    from converters.centering import Shift, center_inputs
+
+    model, x = model_and_images
+    names = [n for n, _ in model.named_modules() if n.endswith("pwconv2")]
+    centers = {n: 0.5 + i for i, n in enumerate(names)}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    centred = center_inputs(model, centers)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(m, name):
+        return lambda mod, inp: seen.setdefault(name, []).append(inp[0].detach())
+
+    for which, m in (("float", model), ("centred", centred)):
+        mod = dict(m.named_modules())[names[0]]
+        h = mod.register_forward_pre_hook(hook(m, which))
+        with torch.no_grad():
+            seen.setdefault(f"{which} out", m(x))
+        h.remove()
+    assert (seen["centred out"] - seen["float out"]).abs().max().item() <= 1e-4
+    assert torch.allclose(seen["centred"][0], seen["float"][0] - centers[names[0]], atol=1e-5)
+    assert sum(isinstance(m, Shift) for m in centred.modules()) == len(names)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input model is untouched
+
+
+def test_centring_refuses_a_layer_without_a_producer_to_shift(model_and_images):
+    from converters.centering import center_inputs
+
+    model, _ = model_and_images
+    name = next(n for n, _ in model.named_modules() if n.endswith("pwconv1"))
+    with pytest.raises(ValueError, match="pwconv1"):
+        center_inputs(model, {name: 1.0})

@@ -36,9 +36,11 @@ other layer: its fp16 storage costs 9 KB, and the measurement decides. Palettes 
 tensors' own fp16 values, int8 as the torch side's grid: nothing is re-rounded by coremltools.
 
 ``w8a8`` quantizes weights and activations on the torch side (coremltools' LinearQuantizer) with
-int8 weights on ``[-127, 127]`` so the torch-side GPTQ rounding is stored as is; the activation
-observer is chosen among coremltools' own on held-out calibration images (``activation_observer``
-``"auto"``); ``activation_scope`` says whether the residual adds are quantized too; the plan's
+int8 weights on ``[-127, 127]`` so the torch-side GPTQ rounding is stored as is. Activations are
+symmetric 8-bit: the conv/linear inputs' and outputs' ranges are the ones chosen on the torch side
+(`converters.prepare`), with the GELU outputs centred (`converters.centering`); without chosen ranges
+the observer is chosen among coremltools' own on held-out calibration images (``activation_observer``
+``"auto"``). ``activation_scope`` says whether the residual adds are quantized too; the plan's
 float layers get no quantizer (``module_name_configs`` None).
 
 Every recipe is a Vision/Xcode image classifier (input contract ``rgb-image``, output contract
@@ -76,6 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from converters.act_quant import Point
 from converters.backends import coreml_bits as cb
 from converters.backends import coreml_compress as cc
 from converters.backends.fp16 import fp16_entry
@@ -359,7 +362,12 @@ def _build_w8a8(ctx: BuildContext, precision: str, lowering: dict[str, Any],
     plan = _quant_plan(ctx)
     scope = str(opts.get("activation_scope", "all"))
     wanted = str(opts.get("activation_observer", "auto"))
-    observers = cc.W8A8_OBSERVERS if wanted == "auto" else (wanted,)
+    # With ranges chosen on the torch side, the observers set nothing the program keeps (measured at full size:
+    # all three 31.8 dB on the held-out images), so there is nothing to choose.
+    if wanted == "auto":
+        observers = ("min_max",) if ctx.activation_ranges else cc.W8A8_OBSERVERS
+    else:
+        observers = (wanted,)
     # Held-out images: none of those that set the observers' ranges or the weight rounding's statistics
     # (both the first images of the set).
     data = _held_out(ctx, int(opts.get("held_out_images", 32)))
@@ -377,7 +385,8 @@ def _build_w8a8(ctx: BuildContext, precision: str, lowering: dict[str, Any],
     def trial(observer: str, float_layers: tuple[str, ...]) -> Callable[[], Callable[[torch.Tensor], torch.Tensor]]:
         def make() -> Callable[[torch.Tensor], torch.Tensor]:
             ctx.log(f"W8A8: {observer} observers over {len(calibration)} calibration images")
-            q = cc.quantize_w8a8(ctx.model, ctx.example_input, calibration, float_layers, observer, scope)
+            q = cc.quantize_w8a8(ctx.model, ctx.example_input, calibration, float_layers, observer, scope,
+                                 ranges=_chosen_ranges(ctx, float_layers))
             if float_layers == plan.float_layers:
                 built[observer] = q
             return q.model
@@ -402,8 +411,10 @@ def _build_w8a8(ctx: BuildContext, precision: str, lowering: dict[str, Any],
                   "images with fake quantization off, no training; finalize -> quantize/dequantize ops",
         "weights": "int8 symmetric per output channel on [-127, 127] (scale max|w| / 127: the torch-side "
                    "rounding's grid, stored as it is; constexpr_affine_dequantize)",
-        "activations": "8-bit per tensor on every op coremltools' backend config covers (conv/linear inputs and "
-                       "outputs, GELU" + (", residual adds)" if scope == "all" else "; residual adds stay float)"),
+        "activations": "8-bit symmetric per tensor on every op coremltools' backend config covers (conv/linear inputs "
+                       "and outputs, GELU" + (", residual adds)" if scope == "all" else "; residual adds stay float)"),
+        "ranges": ("the conv/linear inputs' and outputs' ranges chosen on the torch side (lowering.activation_ranges), "
+                   "the observers' elsewhere" if ctx.activation_ranges else "the observers'"),
         "scope": scope,
         "observer": {"chosen": best.observer, "candidates": measured,
                      "rule": "highest SQNR of centered log-probabilities on the held-out calibration images"},
@@ -415,6 +426,14 @@ def _build_w8a8(ctx: BuildContext, precision: str, lowering: dict[str, Any],
                                 **measured[best.observer]},
     }
     return mlmodel, target
+
+
+def _chosen_ranges(ctx: BuildContext, float_layers: tuple[str, ...]) -> dict[Point, tuple[float, float]] | None:
+    """The ranges chosen on the torch side for the layers quantized in this trial (None: the observers' own)."""
+    if not ctx.activation_ranges:
+        return None
+    floats = set(float_layers)
+    return {p: r for p, r in ctx.activation_ranges.items() if p.layer not in floats}
 
 
 INPUT_DESCRIPTION = (

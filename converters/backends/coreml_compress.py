@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from converters.act_quant import Point
 from converters.backends.coreml_bits import Storage
 from edge_convnext.contract import OUTPUT_CONTRACTS
 from edge_convnext.manifest import NUM_CLASSES
@@ -285,6 +286,7 @@ def quantize_w8a8(
     observer: str = "min_max",
     scope: str = "all",
     batch: int = 8,
+    ranges: Mapping[Point, tuple[float, float]] | None = None,
 ) -> W8A8Model:
     """Post-training W8A8 with coremltools' torch quantizer (FX graph mode, Core ML backend config).
 
@@ -301,6 +303,11 @@ def quantize_w8a8(
     names) keep float weights and no quantizer of their own (``module_name_configs`` None).
     Calibration runs with fake quantization off, so each observer sees float activations (as in
     PT2E ``prepare``); ``finalize`` then writes the quantize/dequantize pairs.
+
+    ``ranges`` (chosen on the torch side, `converters.prepare`) replace the observers' ranges at the
+    conv/linear inputs and outputs they cover. A `converters.centering.Shift` in ``model`` is quantized
+    once, after the shift: the quantizer the tool puts on the shift's input (GELU's output) is removed,
+    so the layer reads the centred grid and nothing rounds on the uncentred one first.
     """
     import operator
 
@@ -331,6 +338,7 @@ def quantize_w8a8(
     quantizer = LinearQuantizer(model, config)
     prepared = quantizer.prepare(example_inputs=(example,))  # a deep copy: `model` is untouched
     prepared.eval()
+    _unquantize_shift_inputs(prepared)
     narrowed = 0
     for m in prepared.modules():
         if isinstance(m, aoq.FakeQuantizeBase) and m.dtype == torch.qint8:  # the weights' quantizers
@@ -348,8 +356,91 @@ def quantize_w8a8(
     if seen == 0:
         raise ValueError("W8A8 calibration got no images; the calibration split is empty or unreadable")
     prepared.apply(aoq.disable_observer)
+    if ranges:
+        _set_ranges(prepared, ranges)
     prepared.apply(aoq.enable_fake_quant)
     return W8A8Model(quantizer.finalize(inplace=False).eval(), seen, tuple(float_layers), observer, scope)
+
+
+def _is_fake_quant(gm: torch.fx.GraphModule, node: Any) -> bool:
+    import torch.ao.quantization as aoq
+
+    return (isinstance(node, torch.fx.Node) and node.op == "call_module"
+            and isinstance(gm.get_submodule(str(node.target)), aoq.FakeQuantizeBase))
+
+
+_LAYOUT_METHODS = frozenset({"permute", "reshape", "view", "contiguous", "transpose", "flatten"})
+
+
+def _value_preserving(gm: torch.fx.GraphModule, node: Any) -> bool:
+    """Whether ``node`` passes its input's values on unchanged (layout only, or an eval-mode identity)."""
+    if node.op == "call_method":
+        return str(node.target) in _LAYOUT_METHODS
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", "") in _LAYOUT_METHODS
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        return isinstance(m, torch.nn.Identity) or (type(m).__name__.endswith("DropPath") and not m.training)
+    return False
+
+
+def _unquantize_shift_inputs(gm: torch.fx.GraphModule) -> int:
+    """Remove the fake quantizer in front of every `Shift` (traced as ``x - <float literal>``); returns how many."""
+    import operator
+
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if (node.op == "call_function" and node.target in (operator.sub, torch.sub) and len(node.args) == 2
+                and isinstance(node.args[1], float) and _is_fake_quant(gm, node.args[0])):
+            fq = node.args[0]
+            node.replace_input_with(fq, fq.args[0])
+            if not fq.users:
+                gm.graph.erase_node(fq)
+                gm.delete_submodule(str(fq.target))
+            removed += 1
+    if removed:
+        gm.graph.lint()
+        gm.recompile()
+    return removed
+
+
+def _set_ranges(gm: torch.fx.GraphModule, ranges: Mapping[Point, tuple[float, float]]) -> int:
+    """Give the fake quantizers at the covered layers' inputs and outputs the chosen ranges (an observer
+    shared by two points takes the union); returns how many were set."""
+    wanted: dict[str, tuple[float, float]] = {}
+
+    def want(node: Any, rng: tuple[float, float]) -> None:
+        if _is_fake_quant(gm, node):
+            lo, hi = wanted.get(str(node.target), rng)
+            wanted[str(node.target)] = (min(lo, rng[0]), max(hi, rng[1]))
+
+    def want_downstream(node: Any, rng: tuple[float, float]) -> None:
+        # The tool re-quantizes a layer's output after value-preserving ops (the permute back to NCHW, the
+        # block's eval-mode DropPath): those quantizers must take the same range, or they round again on
+        # another grid.
+        for user in node.users:
+            if _is_fake_quant(gm, user):
+                want(user, rng)
+                want_downstream(user, rng)
+            elif _value_preserving(gm, user):
+                want_downstream(user, rng)
+
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        name = str(node.target)
+        if Point(name, "input") in ranges:
+            want(node.args[0], ranges[Point(name, "input")])
+        if Point(name, "output") in ranges:
+            want_downstream(node, ranges[Point(name, "output")])
+    for target, (lo, hi) in wanted.items():
+        fq = gm.get_submodule(target)
+        obs = fq.activation_post_process
+        obs.min_val, obs.max_val = torch.tensor(float(lo)), torch.tensor(float(hi))
+        scale, zero_point = fq.calculate_qparams()
+        fq.scale.resize_(scale.shape).copy_(scale)
+        fq.zero_point.resize_(zero_point.shape).copy_(zero_point)
+    return len(wanted)
 
 
 def package_bytes(path: Path) -> int:
