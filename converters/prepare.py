@@ -65,7 +65,7 @@ class PreparedModel:
     model: torch.nn.Module
     rewrites: dict[str, int]
     plan: QuantPlan
-    float_model: torch.nn.Module | None = None  # ``model`` before weight rounding (after rewrites, migration)
+    float_model: torch.nn.Module | None = None  # ``model`` before weight rounding (after rewrites, migration, centring)
     weight_rounding: dict[str, Any] | None = None
     smoothing: dict[str, Any] | None = None
     activation_ranges: dict[Point, tuple[float, float]] | None = None
@@ -200,6 +200,9 @@ class Preparation:
             if key not in self._ranges:
                 self._ranges[key] = self._choose_ranges(prepared.model, plan, scheme, estimators, center)
             prepared.activation_ranges, prepared.ranges_choice, prepared.model = self._ranges[key]
+            centers = (prepared.ranges_choice.get("centered_inputs") or {}).get("centers")
+            if centers:  # the same function and structure: layers made float again take their float weights and bias
+                prepared.float_model = center_inputs(prepared.float_model, centers)
         elif center:
             raise EdgeConvNextError(f"{recipe.name}: center_inputs needs activation range estimators (the centres are "
                                     "the chosen ranges' midpoints)")

@@ -88,3 +88,25 @@ def test_convert_keeps_sensitive_layers_float_until_the_target_is_met(tmp_path):
 def test_float_recipes_ignore_the_target(tmp_path):
     convert_tiny(tmp_path, "tflite-fp32", reference_images=8, parity_images=4, target=AccuracyTarget(min_sqnr_db=60.0))
     assert "accuracy_target" not in read_manifest(tmp_path / "tflite-fp32.json").lowering
+
+
+def test_a_centred_recipe_with_every_layer_float_again_is_the_float_model(tiny_weights, tiny_calibration):
+    """`coreml-w8a8` centres its pwconv2 inputs (a Shift, W c in the bias): layers the target makes float take
+    the float model's weights and bias, which must carry the same centring, or the block is off by W c."""
+    torch = pytest.importorskip("torch")
+    from converters.accuracy_target import with_float_layers
+    from converters.model import export_model
+    from converters.prepare import Preparation
+    from edge_convnext.recipes import get_recipe
+
+    model = export_model(tiny_weights.model, tiny_weights.preprocessing).eval()
+    prep = Preparation(model, tiny_calibration, 8)
+    prep.held_out()
+    p = prep.prepare(get_recipe("coreml-w8a8"))
+    assert p.ranges_choice["centered_inputs"]["centers"] and p.plan.quantized
+    back = with_float_layers(p.model, p.float_model, p.plan.quantized)
+    x = torch.from_numpy(np.concatenate(list(tiny_calibration(2))))
+    with torch.no_grad():
+        ref, got, rounded = model(x).log(), back(x).log(), p.model(x).log()
+    assert (rounded - ref).abs().max().item() > 1e-3  # the rounded weights differ: the check below can fail
+    assert (got - ref).abs().max().item() <= 1e-4
