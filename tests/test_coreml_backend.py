@@ -437,6 +437,32 @@ def test_w8a8_quantizes_a_centred_input_once_on_the_chosen_ranges(tiny_weights, 
             assert scale(quantized[k]) == pytest.approx(max(abs(lo), abs(hi)) / 127.5, rel=1e-5), k
 
 
+def test_w8a8_float_layers_read_and_write_float_activations(tiny_weights, tiny_calibration):
+    """A float layer gets no quantizer of its own, and the ones the tool puts around it for GELU, the permute
+    and DropPath go too: with the first block's layers float, nothing in it is rounded to 8 bits."""
+    import torch
+
+    from converters import rewrites
+    from converters.model import export_model
+
+    model = rewrites.apply(export_model(tiny_weights.model, tiny_weights.preprocessing).eval(), ["fold_layer_scale"])[0]
+    images = list(tiny_calibration(2))
+    blocks = [n.rsplit(".", 1)[0] for n, _ in model.named_modules() if n.endswith(".dwconv")]
+    first, second = blocks[0], blocks[1]
+    floats = tuple(f"{first}.{leaf}" for leaf in ("dwconv", "pwconv1", "pwconv2"))
+    q = cc.quantize_w8a8(model, torch.from_numpy(images[0]), images, floats, scope="no_residual_add")
+    names = [str(n) for n in q.model.graph.nodes]
+    quantized = [str(n.args[0]) for n in q.model.graph.nodes
+                 if n.op == "call_function" and "quantize_per_tensor" in str(n.target)]
+
+    def in_block(prefix: str) -> list[str]:
+        p = prefix.replace(".", "_")
+        inside = set(names[names.index(f"{p}_dwconv"): names.index(f"{p}_drop_path") + 1])
+        return [k for k in quantized if k in inside]
+
+    assert in_block(first) == [] and len(in_block(second)) >= 4  # pwconv1 in and out, pwconv2 in and out
+
+
 def _reads(node, quantize) -> bool:
     """Whether fx ``node`` reads the dequantized value of ``quantize`` (through one dequantize)."""
     deq = node.args[0]

@@ -300,7 +300,9 @@ def quantize_w8a8(
     ``scope`` ``"all"`` quantizes every op the tool's backend config covers (conv/linear inputs and
     outputs, GELU, the residual adds); ``"no_residual_add"`` leaves the residual adds in float, so
     the residual stream is not rounded to 8 bits at every block. ``float_layers`` (torch module
-    names) keep float weights and no quantizer of their own (``module_name_configs`` None).
+    names) keep float weights and no quantizer of their own (``module_name_configs`` None), and the
+    quantizers their neighbours' configs put on their input and output are removed too: a float layer
+    reads and writes float (fp16) activations.
     Calibration runs with fake quantization off, so each observer sees float activations (as in
     PT2E ``prepare``); ``finalize`` then writes the quantize/dequantize pairs.
 
@@ -339,6 +341,7 @@ def quantize_w8a8(
     prepared = quantizer.prepare(example_inputs=(example,))  # a deep copy: `model` is untouched
     prepared.eval()
     _unquantize_shift_inputs(prepared)
+    _unquantize_around(prepared, set(float_layers))
     narrowed = 0
     for m in prepared.modules():
         if isinstance(m, aoq.FakeQuantizeBase) and m.dtype == torch.qint8:  # the weights' quantizers
@@ -382,6 +385,47 @@ def _value_preserving(gm: torch.fx.GraphModule, node: Any) -> bool:
         m = gm.get_submodule(str(node.target))
         return isinstance(m, torch.nn.Identity) or (type(m).__name__.endswith("DropPath") and not m.training)
     return False
+
+
+def _drop_fake_quant(gm: torch.fx.GraphModule, fq: torch.fx.Node) -> None:
+    fq.replace_all_uses_with(fq.args[0])
+    gm.graph.erase_node(fq)
+    gm.delete_submodule(str(fq.target))
+
+
+def _drop_downstream(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
+    """Remove the fake quantizers reading ``node``, and those after value-preserving ops from it."""
+    removed = 0
+    while True:
+        fqs = [u for u in node.users if _is_fake_quant(gm, u)]
+        if not fqs:
+            break
+        for fq in fqs:
+            _drop_fake_quant(gm, fq)
+            removed += 1
+    for user in list(node.users):
+        if _value_preserving(gm, user):
+            removed += _drop_downstream(gm, user)
+    return removed
+
+
+def _unquantize_around(gm: torch.fx.GraphModule, layers: set[str]) -> int:
+    """Remove the fake quantizers on the inputs (when only float layers read them) and outputs of ``layers``
+    (the float layers: their own config is None, but the tool still quantizes what GELU, the permutes and
+    DropPath around them read). Returns how many were removed."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or str(node.target) not in layers:
+            continue
+        src = node.args[0]
+        if _is_fake_quant(gm, src) and all(u.op == "call_module" and str(u.target) in layers for u in src.users):
+            _drop_fake_quant(gm, src)
+            removed += 1
+        removed += _drop_downstream(gm, node)
+    if removed:
+        gm.graph.lint()
+        gm.recompile()
+    return removed
 
 
 def _unquantize_shift_inputs(gm: torch.fx.GraphModule) -> int:
