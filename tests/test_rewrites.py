@@ -119,19 +119,20 @@ def test_centring_inputs_is_float_equal_and_shifts_what_the_layer_reads(model_an
     centers = {n: 0.5 + i for i, n in enumerate(names)}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     centred = center_inputs(model, centers)
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook(m, name):
-        return lambda mod, inp: seen.setdefault(name, []).append(inp[0].detach())
+    out: dict[str, torch.Tensor] = {}
+    read: dict[str, torch.Tensor] = {}  # what the first pwconv2 reads in each model
+    def keep(which: str):
+        def hook(mod, inp) -> None:  # returns None: the input passes unchanged
+            read[which] = inp[0].detach()
+        return hook
 
     for which, m in (("float", model), ("centred", centred)):
-        mod = dict(m.named_modules())[names[0]]
-        h = mod.register_forward_pre_hook(hook(m, which))
+        h = dict(m.named_modules())[names[0]].register_forward_pre_hook(keep(which))
         with torch.no_grad():
-            seen.setdefault(f"{which} out", m(x))
+            out[which] = m(x)
         h.remove()
-    assert (seen["centred out"] - seen["float out"]).abs().max().item() <= 1e-4
-    assert torch.allclose(seen["centred"][0], seen["float"][0] - centers[names[0]], atol=1e-5)
+    assert (out["centred"] - out["float"]).abs().max().item() <= 1e-4
+    assert torch.allclose(read["centred"], read["float"] - centers[names[0]], atol=1e-5)
     assert sum(isinstance(m, Shift) for m in centred.modules()) == len(names)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input model is untouched
 

@@ -78,7 +78,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from converters.act_quant import Point
 from converters.backends import coreml_bits as cb
 from converters.backends import coreml_compress as cc
 from converters.backends.fp16 import fp16_entry
@@ -386,7 +385,7 @@ def _build_w8a8(ctx: BuildContext, precision: str, lowering: dict[str, Any],
         def make() -> Callable[[torch.Tensor], torch.Tensor]:
             ctx.log(f"W8A8: {observer} observers over {len(calibration)} calibration images")
             q = cc.quantize_w8a8(ctx.model, ctx.example_input, calibration, float_layers, observer, scope,
-                                 ranges=_chosen_ranges(ctx, float_layers))
+                                 ranges=ctx.activation_ranges)
             if float_layers == plan.float_layers:
                 built[observer] = q
             return q.model
@@ -426,14 +425,6 @@ def _build_w8a8(ctx: BuildContext, precision: str, lowering: dict[str, Any],
                                 **measured[best.observer]},
     }
     return mlmodel, target
-
-
-def _chosen_ranges(ctx: BuildContext, float_layers: tuple[str, ...]) -> dict[Point, tuple[float, float]] | None:
-    """The ranges chosen on the torch side for the layers quantized in this trial (None: the observers' own)."""
-    if not ctx.activation_ranges:
-        return None
-    floats = set(float_layers)
-    return {p: r for p, r in ctx.activation_ranges.items() if p.layer not in floats}
 
 
 INPUT_DESCRIPTION = (

@@ -340,8 +340,7 @@ def quantize_w8a8(
     quantizer = LinearQuantizer(model, config)
     prepared = quantizer.prepare(example_inputs=(example,))  # a deep copy: `model` is untouched
     prepared.eval()
-    _unquantize_shift_inputs(prepared)
-    _unquantize_around(prepared, set(float_layers))
+    _unquantize(prepared, set(float_layers))
     narrowed = 0
     for m in prepared.modules():
         if isinstance(m, aoq.FakeQuantizeBase) and m.dtype == torch.qint8:  # the weights' quantizers
@@ -387,61 +386,55 @@ def _value_preserving(gm: torch.fx.GraphModule, node: Any) -> bool:
     return False
 
 
-def _drop_fake_quant(gm: torch.fx.GraphModule, fq: torch.fx.Node) -> None:
-    fq.replace_all_uses_with(fq.args[0])
-    gm.graph.erase_node(fq)
-    gm.delete_submodule(str(fq.target))
+def _quantizers_after(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The fake quantizers reading ``node``'s value: its own users, and those after value-preserving ops (the
+    permute back to NCHW, the block's eval-mode DropPath) or after such a quantizer, in graph order."""
+    found: list[torch.fx.Node] = []
+    for user in node.users:
+        if _is_fake_quant(gm, user):
+            found += [user, *_quantizers_after(gm, user)]
+        elif _value_preserving(gm, user):
+            found += _quantizers_after(gm, user)
+    return found
 
 
-def _drop_downstream(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
-    """Remove the fake quantizers reading ``node``, and those after value-preserving ops from it."""
-    removed = 0
-    while True:
-        fqs = [u for u in node.users if _is_fake_quant(gm, u)]
-        if not fqs:
-            break
-        for fq in fqs:
-            _drop_fake_quant(gm, fq)
-            removed += 1
-    for user in list(node.users):
-        if _value_preserving(gm, user):
-            removed += _drop_downstream(gm, user)
-    return removed
+def _drop_fake_quant(gm: torch.fx.GraphModule, fq: torch.fx.Node, reader: torch.fx.Node | None = None) -> None:
+    """Remove fake quantizer ``fq`` from the graph for ``reader`` (None: for every reader); the module goes
+    with its last reader."""
+    if reader is None:
+        fq.replace_all_uses_with(fq.args[0])
+    else:
+        reader.replace_input_with(fq, fq.args[0])
+    if not fq.users:
+        gm.graph.erase_node(fq)
+        gm.delete_submodule(str(fq.target))
 
 
-def _unquantize_around(gm: torch.fx.GraphModule, layers: set[str]) -> int:
-    """Remove the fake quantizers on the inputs (when only float layers read them) and outputs of ``layers``
-    (the float layers: their own config is None, but the tool still quantizes what GELU, the permutes and
-    DropPath around them read). Returns how many were removed."""
-    removed = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or str(node.target) not in layers:
-            continue
-        src = node.args[0]
-        if _is_fake_quant(gm, src) and all(u.op == "call_module" and str(u.target) in layers for u in src.users):
-            _drop_fake_quant(gm, src)
-            removed += 1
-        removed += _drop_downstream(gm, node)
-    if removed:
-        gm.graph.lint()
-        gm.recompile()
-    return removed
+def _unquantize(gm: torch.fx.GraphModule, float_layers: set[str]) -> int:
+    """Remove the fake quantizers that must not round (returns how many were removed):
 
-
-def _unquantize_shift_inputs(gm: torch.fx.GraphModule) -> int:
-    """Remove the fake quantizer in front of every `Shift` (traced as ``x - <float literal>``); returns how many."""
+    * the one in front of every `Shift` (traced as ``x - <float literal>``, GELU's output): the layer after
+      the shift reads the centred grid, and nothing rounds on the uncentred one first;
+    * those on the inputs (when only float layers read them) and outputs of ``float_layers``: their own
+      config is None, but the tool still quantizes what GELU, the permutes and DropPath around them read.
+    """
     import operator
 
     removed = 0
     for node in list(gm.graph.nodes):
         if (node.op == "call_function" and node.target in (operator.sub, torch.sub) and len(node.args) == 2
                 and isinstance(node.args[1], float) and _is_fake_quant(gm, node.args[0])):
-            fq = node.args[0]
-            node.replace_input_with(fq, fq.args[0])
-            if not fq.users:
-                gm.graph.erase_node(fq)
-                gm.delete_submodule(str(fq.target))
+            _drop_fake_quant(gm, node.args[0], reader=node)
             removed += 1
+        elif node.op == "call_module" and str(node.target) in float_layers:
+            src = node.args[0]
+            if _is_fake_quant(gm, src) and all(u.op == "call_module" and str(u.target) in float_layers
+                                               for u in src.users):
+                _drop_fake_quant(gm, src)
+                removed += 1
+            for fq in _quantizers_after(gm, node):
+                _drop_fake_quant(gm, fq)
+                removed += 1
     if removed:
         gm.graph.lint()
         gm.recompile()
@@ -450,24 +443,14 @@ def _unquantize_shift_inputs(gm: torch.fx.GraphModule) -> int:
 
 def _set_ranges(gm: torch.fx.GraphModule, ranges: Mapping[Point, tuple[float, float]]) -> int:
     """Give the fake quantizers at the covered layers' inputs and outputs the chosen ranges (an observer
-    shared by two points takes the union); returns how many were set."""
+    shared by two points takes the union); returns how many were set. A layer's output range also goes to
+    the quantizers that re-quantize it after value-preserving ops, or they would round it again on another grid."""
     wanted: dict[str, tuple[float, float]] = {}
 
     def want(node: Any, rng: tuple[float, float]) -> None:
         if _is_fake_quant(gm, node):
             lo, hi = wanted.get(str(node.target), rng)
             wanted[str(node.target)] = (min(lo, rng[0]), max(hi, rng[1]))
-
-    def want_downstream(node: Any, rng: tuple[float, float]) -> None:
-        # The tool re-quantizes a layer's output after value-preserving ops (the permute back to NCHW, the
-        # block's eval-mode DropPath): those quantizers must take the same range, or they round again on
-        # another grid.
-        for user in node.users:
-            if _is_fake_quant(gm, user):
-                want(user, rng)
-                want_downstream(user, rng)
-            elif _value_preserving(gm, user):
-                want_downstream(user, rng)
 
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -476,7 +459,8 @@ def _set_ranges(gm: torch.fx.GraphModule, ranges: Mapping[Point, tuple[float, fl
         if Point(name, "input") in ranges:
             want(node.args[0], ranges[Point(name, "input")])
         if Point(name, "output") in ranges:
-            want_downstream(node, ranges[Point(name, "output")])
+            for fq in _quantizers_after(gm, node):
+                want(fq, ranges[Point(name, "output")])
     for target, (lo, hi) in wanted.items():
         fq = gm.get_submodule(target)
         obs = fq.activation_post_process
