@@ -113,6 +113,16 @@ def _mse_range(obs: Observation, steps: int = 41) -> tuple[float, float]:
     return best[1], best[2]
 
 
+class RangeUnion(dict[str, tuple[float, float]]):
+    """Ranges wanted per observer or quantizer (by module target) when a backend sets chosen ranges: one
+    shared by several points (e.g. a tensor that is one layer's output and the next one's input) takes the
+    union of theirs."""
+
+    def want(self, target: str, rng: tuple[float, float]) -> None:
+        lo, hi = self.get(target, rng)
+        self[target] = (min(lo, rng[0]), max(hi, rng[1]))
+
+
 def qparams(lo: float, hi: float) -> tuple[float, int]:
     """(scale, zero point) of asymmetric int8 for the range [lo, hi] (widened to contain 0), as TFLite computes them."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)

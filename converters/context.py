@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from converters.act_quant import Point
-from converters.calibrate import HeldOut
+from converters.calibrate import MIN_HELD_OUT, HeldOut
 from converters.quant_plan import QuantPlan
 from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS
 from edge_convnext.manifest import TensorSpec
@@ -54,6 +54,20 @@ class BuildContext:
     @property
     def float_reference(self) -> torch.nn.Module:
         return self.float_model if self.float_model is not None else self.model
+
+    def choice_split(self, n: int) -> HeldOut:
+        """The run's split (``held_out``) with its first ``n`` held-out images, for a backend's choices; a
+        context made by hand is split here the same way (statistics: the first ``calibration_count``)."""
+        data = self.held_out
+        if data is None:
+            held = max(n, MIN_HELD_OUT)
+            images = list(self.calibration_images(self.calibration_count + held))
+            ids = list(getattr(self.calibration_images, "used_ids", []))
+            if len(ids) != len(images):
+                raise TypeError(f"{self.recipe.name}: choices are measured on held-out calibration images, so a "
+                                "build context without held_out needs a calibration stream that records image ids")
+            data = HeldOut.split(images, ids, self.float_reference.eval(), fit=self.calibration_count, held=held)
+        return data.first(n)
 
 
 @dataclass

@@ -81,7 +81,7 @@ import torch
 from converters.backends import coreml_bits as cb
 from converters.backends import coreml_compress as cc
 from converters.backends.fp16 import fp16_entry
-from converters.calibrate import MIN_HELD_OUT, HeldOut, choose, measure
+from converters.calibrate import choose, measure
 from converters.context import BuildContext, BuildResult
 from converters.quant_plan import QuantPlan, quantizable_layers
 from converters.weight_quant import collect_stats
@@ -266,7 +266,7 @@ def _build_p4(ctx: BuildContext, precision: str, lowering: dict[str, Any],
     budget = min(cap_bytes - rest, int(bits * params / 8))
 
     stats_n = int(opts.get("statistics_images", 16))
-    data = _held_out(ctx, int(opts.get("held_out_images", 32)))
+    data = ctx.choice_split(int(opts.get("held_out_images", 32)))
     stats_images, stats_ids = data.fit[:stats_n], data.fit_ids[:stats_n]
     held, held_ids = np.concatenate(data.held).astype(np.float32), data.held_ids
     ctx.log(f"layer statistics on {len(stats_images)} calibration images; choices measured on {len(held_ids)} "
@@ -320,22 +320,6 @@ def _quant_plan(ctx: BuildContext) -> QuantPlan:
     return ctx.plan or QuantPlan.for_model(ctx.model, ctx.recipe.options.get("float_layers", ()))
 
 
-def _held_out(ctx: BuildContext, n: int) -> HeldOut:
-    """The run's split (`converters.calibrate.HeldOut`, ``ctx.held_out``) with its first ``n`` held-out
-    images; a context made by hand is split here the same way (statistics: the first
-    ``calibration_count`` images)."""
-    data = ctx.held_out
-    if data is None:
-        held = max(n, MIN_HELD_OUT)
-        images = list(ctx.calibration_images(ctx.calibration_count + held))
-        ids = list(getattr(ctx.calibration_images, "used_ids", []))
-        if len(ids) != len(images):
-            raise TypeError(f"{ctx.recipe.name}: choices are measured on held-out calibration images, so a build "
-                            "context without held_out needs a calibration stream that records image ids")
-        data = HeldOut.split(images, ids, ctx.float_reference.eval(), fit=ctx.calibration_count, held=held)
-    return data.first(n)
-
-
 def _metadata_bytes(ctx: BuildContext, labels: list[str]) -> int:
     """What `_describe` adds to the package: the manifest and labels in the metadata, plus descriptions."""
     manifest = json.dumps(ctx.embedded_manifest, sort_keys=True, default=str)
@@ -369,7 +353,7 @@ def _build_w8a8(ctx: BuildContext, precision: str, lowering: dict[str, Any],
         observers = (wanted,)
     # Held-out images: none of those that set the observers' ranges or the weight rounding's statistics
     # (both the first images of the set).
-    data = _held_out(ctx, int(opts.get("held_out_images", 32)))
+    data = ctx.choice_split(int(opts.get("held_out_images", 32)))
     held_ids = data.held_ids
     # The calibration pass comes last: the stream records the ids of its latest pass, which the manifest
     # lists as the calibration set. They are the first statistics images of the split, never held-out ones.

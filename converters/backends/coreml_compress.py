@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from converters.act_quant import Point
+from converters.act_quant import Point, RangeUnion
 from converters.backends.coreml_bits import Storage
 from edge_convnext.contract import OUTPUT_CONTRACTS
 from edge_convnext.manifest import NUM_CLASSES
@@ -445,12 +445,11 @@ def _set_ranges(gm: torch.fx.GraphModule, ranges: Mapping[Point, tuple[float, fl
     """Give the fake quantizers at the covered layers' inputs and outputs the chosen ranges (an observer
     shared by two points takes the union); returns how many were set. A layer's output range also goes to
     the quantizers that re-quantize it after value-preserving ops, or they would round it again on another grid."""
-    wanted: dict[str, tuple[float, float]] = {}
+    wanted = RangeUnion()
 
     def want(node: Any, rng: tuple[float, float]) -> None:
         if _is_fake_quant(gm, node):
-            lo, hi = wanted.get(str(node.target), rng)
-            wanted[str(node.target)] = (min(lo, rng[0]), max(hi, rng[1]))
+            wanted.want(str(node.target), rng)
 
     for node in gm.graph.nodes:
         if node.op != "call_module":

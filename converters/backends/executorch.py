@@ -46,7 +46,7 @@ from executorch.exir import EdgeProgramManager, to_edge_transform_and_lower
 from executorch.exir.backend.partitioner import Partitioner, PartitionResult
 from torch.export import ExportedProgram
 
-from converters.act_quant import Point
+from converters.act_quant import Point, RangeUnion
 from converters.backends.executorch_rewrite import RewriteCount, rewrite_for_xnnpack
 from converters.backends.fp16 import fp16_entry
 from converters.context import BuildContext, BuildResult
@@ -256,13 +256,12 @@ def _set_chosen_ranges(prepared: torch.fx.GraphModule, ctx: BuildContext) -> int
     chosen = ctx.activation_ranges
     if not chosen:
         return 0
-    wanted: dict[str, tuple[float, float]] = {}
+    wanted = RangeUnion()
 
     def want(node: Any, rng: tuple[float, float]) -> None:
         if isinstance(node, torch.fx.Node) and node.op == "call_module" and isinstance(
                 getattr(prepared, str(node.target), None), ObserverBase):
-            lo, hi = wanted.get(str(node.target), rng)
-            wanted[str(node.target)] = (min(lo, rng[0]), max(hi, rng[1]))
+            wanted.want(str(node.target), rng)
 
     quantized = set(ctx.plan.quantized) if ctx.plan is not None else None
     for node in prepared.graph.nodes:
