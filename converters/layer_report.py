@@ -124,6 +124,8 @@ def used_image_ids(manifest: Manifest) -> set[str]:
     for key in ("weight_compression", "activation_quantization"):  # Core ML p4 and w8a8 choices
         rec = low.get(key) or {}
         ids |= set(rec.get("statistics_image_ids") or []) | set(rec.get("held_out_image_ids") or [])
+    graph = (low.get("quantization") or {}).get("graph_ranges") or {}  # LiteRT int8-all's range choice
+    ids |= set(graph.get("held_out_image_ids") or [])
     return ids
 
 

@@ -210,3 +210,10 @@ def test_int8_all_chooses_its_migration_on_a_named_proxy_simulation(tmp_path, mo
     evaluation = {s.image_id for s in subset.split("evaluation")}
     assert not (set(rec["held_out_ids"]) | set(rec["fit_ids"])) & evaluation
     assert m.lowering["quantization"]["activation_scope"] == "all"
+    # Its int8 tensors' ranges are chosen by building the artifact per estimator (tflite_ranges).
+    from converters.layer_report import used_image_ids
+
+    graph = m.lowering["quantization"]["graph_ranges"]
+    assert graph["chosen"] in graph["candidates"] and len(graph["candidates"]) == 4
+    assert not set(graph["held_out_image_ids"]) & (evaluation | set(m.calibration["image_ids"]))
+    assert set(graph["held_out_image_ids"]) <= used_image_ids(m)

@@ -141,6 +141,47 @@ def test_int8_scopes_quantize_layernorm_and_gelu(scope, make_context, tmp_path, 
     assert compare(ref, runner_mod.open(out).run(x)).sqnr_db >= floor
 
 
+def test_graph_ranges_keep_the_build_best_on_held_out_images(make_context, tmp_path, subset):
+    """Option ``graph_ranges`` (tflite-int8-all's): every calibrated tensor's range by each estimator in turn,
+    the build with the best held-out SQNR kept. Re-measured here, the artifact gives the chosen candidate's
+    number on the same held-out images, which are neither evaluation nor statistics images."""
+    ctx, out, result = _build(make_context, "tflite-int8", tmp_path, int8_scope="all",
+                              graph_ranges={"estimators": ("minmax", "percentile 99.99"), "held_out_images": 16})
+    rec = result.lowering["quantization"]["graph_ranges"]
+    assert set(rec["candidates"]) == {"minmax", "percentile 99.99"} and rec["tensors"] > 100
+    sqnr = {k: v["sqnr_db"] for k, v in rec["candidates"].items()}
+    assert sqnr["minmax"] != sqnr["percentile 99.99"]  # the ranges did change the build
+    assert rec["chosen"] == max(sqnr, key=sqnr.__getitem__)
+    assert result.lowering["quantization"]["calibration"]["ranges"] == rec["chosen"]
+    held = rec["held_out_image_ids"]
+    assert len(held) == 16 and not set(held) & {s.image_id for s in subset.split("evaluation")}
+    assert not set(held) & set(ctx.calibration_images.used_ids[:result.calibration_used])
+    data = ctx.choice_split(16)
+    assert data.held_ids == held
+    again = compare(data.reference, runner_mod.open(out).run(np.concatenate(data.held)))
+    assert abs(again.sqnr_db - sqnr[rec["chosen"]]) < 0.05, (again.sqnr_db, sqnr)
+
+
+def test_graph_ranges_replace_only_observed_tensors():
+    from converters.act_quant import ESTIMATORS, Observation
+    from converters.backends.tflite_ranges import ranged
+
+    obs = Observation()
+    g = torch.Generator().manual_seed(0)
+    obs.add(torch.linspace(-1.0, 100.0, 10001), per_image=100000, g=g)
+    qsvs = {"a": {"min": np.array([-1.0], np.float32), "max": np.array([100.0], np.float32), "other": 1},
+            "b": {"min": np.array(-5.0, np.float32), "max": np.array(5.0, np.float32)}}
+    out = ranged(qsvs, {"a": obs}, ESTIMATORS["percentile 99.99"])
+    assert out["b"] is qsvs["b"] and out["a"]["other"] == 1 and out["a"]["max"].shape == (1,)
+    assert 99.9 < float(out["a"]["max"][0]) < 100.0 and -1.0 < float(out["a"]["min"][0]) < -0.98
+    assert ranged(qsvs, {"a": obs}, ESTIMATORS["minmax"])["a"]["max"][0] == np.float32(100.0)
+
+
+def test_unknown_graph_range_estimator_is_refused(make_context, tmp_path):
+    with pytest.raises(backend.TFLiteBuildError, match="unknown range estimators"):
+        _build(make_context, "tflite-int8", tmp_path, int8_scope="all", graph_ranges={"estimators": ("p99",)})
+
+
 def test_unknown_int8_scope_is_refused(make_context, tmp_path):
     with pytest.raises(backend.TFLiteBuildError, match="int8_scope"):
         _build(make_context, "tflite-int8", tmp_path, int8_scope="everything")

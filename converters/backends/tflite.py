@@ -37,15 +37,17 @@ import torch
 
 from converters.backends import tflite_flatbuffer as fb
 from converters.backends import tflite_metadata as tmd
+from converters.backends import tflite_ranges
 from converters.backends.fp16 import fp16_entry
 from converters.backends.tflite_lowering import lowering_report
+from converters.act_quant import ESTIMATORS
 from converters.context import BuildContext, BuildResult
 from converters.quant_plan import quantizable_layers
 from edge_convnext import __version__
 from edge_convnext.contract import INPUT_CONTRACTS, OUTPUT_CONTRACTS
 from edge_convnext.errors import EdgeConvNextError
 from edge_convnext.manifest import NUM_CLASSES, TensorSpec
-from edge_convnext.metrics import center
+from edge_convnext.metrics import Fidelity, center, compare
 from edge_convnext.runners import tflite as tflite_runner
 
 
@@ -208,6 +210,7 @@ def _static(ctx: BuildContext, model: bytes, result: BuildResult, activation_bit
     from ai_edge_quantizer import quantizer
 
     model, flattened = fb.flatten_fc_biases(model)
+    estimators = _graph_range_estimators(ctx)  # a bad option fails before calibration
     q = quantizer.Quantizer(model)
     head = _static_recipe(q, model, activation_bits, scope)
     kept = _keep_float(ctx, q, model)
@@ -215,27 +218,98 @@ def _static(ctx: BuildContext, model: bytes, result: BuildResult, activation_bit
     ranged = _torch_ranges(ctx, model, qsvs)
     result.calibration_used = used
     ctx.log(f"static int{activation_bits} activations ({scope}), calibrated on {used} images")
+    quantized, graph_ranges = _graph_ranges(ctx, model, q, qsvs, used, ranged, estimators)
     if flattened:
         result.notes.append(f"{flattened} FULLY_CONNECTED biases reshaped [1,1,1,C] -> [C] before quantization "
                             "(ai-edge-quantizer 0.10 would give them C scales on a size-1 axis, which LiteRT refuses)")
     if head:
         result.notes.append("classifier FULLY_CONNECTED is dynamic-range int8 (int8 weights, float32 logits): "
                             "logits are not clipped to the range seen in calibration")
-    if ranged:
+    if graph_ranges:
+        result.notes.append(f"activation ranges of {graph_ranges['tensors']} int8 tensors: {graph_ranges['chosen']} "
+                            "of their values over the calibration images, chosen on held-out calibration images "
+                            "(lowering.quantization.graph_ranges)")
+    elif ranged:
         result.notes.append(f"activation ranges of {ranged} conv/fully-connected input and output tensors chosen on the "
                             "torch side (lowering.activation_ranges); the others: absolute min/max over the calibration images")
     else:
         result.notes.append("activation ranges: absolute min/max over all calibration images (ai-edge-quantizer's "
                             "default moving average keeps mostly the first images' ranges and clipped the logits)")
-    return _quantize(q, qsvs), {"quantization": {
+    ranges = graph_ranges["chosen"] if graph_ranges else "absolute min/max"
+    return quantized, {"quantization": {
         "tool": "ai-edge-quantizer",
         "recipe": f"static_wi8_ai{activation_bits} with per-op settings",
         "activation_scope": scope,
         "float_ops": kept,
         "float_ops_storage": "float32 compute, float16 weights" if kept else None,
-        "calibration": {"images": used, "ranges": "absolute min/max", "tensors_ranged_on_torch_side": ranged},
+        "calibration": {"images": used, "ranges": ranges, "tensors_ranged_on_torch_side": ranged},
+        "graph_ranges": graph_ranges,
         "config": _jsonable(q.get_quantization_recipe()),
     }}
+
+
+def _graph_range_estimators(ctx: BuildContext) -> tuple[str, ...]:
+    """The estimators of recipe option ``graph_ranges`` (names of `act_quant.ESTIMATORS`); () without it."""
+    names = tuple((ctx.recipe.options.get("graph_ranges") or {}).get("estimators", ()))
+    unknown = [n for n in names if n not in ESTIMATORS]
+    if unknown:
+        raise TFLiteBuildError(f"{ctx.recipe.name}: unknown range estimators {unknown} in option graph_ranges; "
+                               f"known: {sorted(ESTIMATORS)}")
+    return names
+
+
+def _graph_ranges(ctx: BuildContext, model: bytes, q: Any, qsvs: dict[str, Any], used: int, torch_ranged: int,
+                  names: tuple[str, ...]) -> tuple[bytes, dict[str, Any] | None]:
+    """Quantize with the calibrated ranges, or, given estimator ``names`` (option ``graph_ranges``), with every
+    calibrated tensor's range by each estimator in turn (`tflite_ranges`), keeping the build with the best
+    SQNR on the held-out calibration images.
+
+    -> (quantized flatbuffer, the choice's manifest record or None)."""
+    if not names:
+        return _quantize(q, qsvs), None
+    if torch_ranged:
+        raise TFLiteBuildError(f"{ctx.recipe.name}: graph_ranges and torch-side activation_ranges both set ranges; "
+                               "give the recipe one of them")
+    opts = ctx.recipe.options["graph_ranges"]
+    data = ctx.choice_split(int(opts.get("held_out_images", 32)))
+    held = [_feed(ctx, x) for x in data.held]
+    # The statistics pass comes last: the calibration stream records its image ids for the manifest.
+    images = [_feed(ctx, x) for x in ctx.calibration_images(used)]
+    ctx.log(f"observing {len(qsvs)} calibrated tensors of the float graph on {len(images)} calibration images")
+    obs = tflite_ranges.observe(model, images, qsvs)
+    measured: dict[str, Fidelity] = {}
+    built: dict[str, bytes] = {}
+    for name in names:
+        est = ESTIMATORS[name]
+        built[name] = _quantize(q, qsvs if est.kind == "minmax" else tflite_ranges.ranged(qsvs, obs, est))
+        measured[name] = compare(data.reference, _log_probabilities(built[name], held))
+        ctx.log(f"  ranges by {name}: {measured[name].sqnr_db:.2f} dB, top-1 agreement "
+                f"{100 * measured[name].top1_agreement:.1f}% on {len(held)} held-out calibration images")
+    chosen = max(measured, key=lambda k: measured[k].sqnr_db)
+    return built[chosen], {
+        "chosen": chosen,
+        "tensors": len(obs),
+        "candidates": {k: {"sqnr_db": round(f.sqnr_db, 2), "top1_agreement": round(f.top1_agreement, 4)}
+                       for k, f in measured.items()},
+        "rule": "highest SQNR of centered log-probabilities of the built artifact on the held-out calibration images",
+        "statistics_images": len(images),
+        "held_out_image_ids": data.held_ids,
+    }
+
+
+def _log_probabilities(model: bytes, fed: list[np.ndarray]) -> np.ndarray:
+    """float64 ``[N, classes]`` log-probabilities of flatbuffer ``model`` on its inputs ``fed`` (as fed)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=model, num_threads=max(1, torch.get_num_threads()))
+    interp.allocate_tensors()
+    i, o = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
+    out = []
+    for x in fed:
+        interp.set_tensor(i, x)
+        interp.invoke()
+        out.append(np.array(interp.get_tensor(o)))
+    return OUTPUT_CONTRACTS["probabilities"].log_scores(np.concatenate(out))
 
 
 def _static_recipe(q: Any, model: bytes, activation_bits: int, scope: str) -> bool:
