@@ -218,7 +218,7 @@ def _static(ctx: BuildContext, model: bytes, result: BuildResult, activation_bit
     ranged = _torch_ranges(ctx, model, qsvs)
     result.calibration_used = used
     ctx.log(f"static int{activation_bits} activations ({scope}), calibrated on {used} images")
-    quantized, graph_ranges = _graph_ranges(ctx, model, q, qsvs, used, ranged, estimators)
+    quantized, graph_ranges = _graph_ranges(ctx, model, q, qsvs, used, estimators)
     if flattened:
         result.notes.append(f"{flattened} FULLY_CONNECTED biases reshaped [1,1,1,C] -> [C] before quantization "
                             "(ai-edge-quantizer 0.10 would give them C scales on a size-1 axis, which LiteRT refuses)")
@@ -255,10 +255,13 @@ def _graph_range_estimators(ctx: BuildContext) -> tuple[str, ...]:
     if unknown:
         raise TFLiteBuildError(f"{ctx.recipe.name}: unknown range estimators {unknown} in option graph_ranges; "
                                f"known: {sorted(ESTIMATORS)}")
+    if names and ctx.activation_ranges:
+        raise TFLiteBuildError(f"{ctx.recipe.name}: graph_ranges and torch-side activation_ranges both set ranges; "
+                               "give the recipe one of them")
     return names
 
 
-def _graph_ranges(ctx: BuildContext, model: bytes, q: Any, qsvs: dict[str, Any], used: int, torch_ranged: int,
+def _graph_ranges(ctx: BuildContext, model: bytes, q: Any, qsvs: dict[str, Any], used: int,
                   names: tuple[str, ...]) -> tuple[bytes, dict[str, Any] | None]:
     """Quantize with the calibrated ranges, or, given estimator ``names`` (option ``graph_ranges``), with every
     calibrated tensor's range by each estimator in turn (`tflite_ranges`), keeping the build with the best
@@ -267,12 +270,9 @@ def _graph_ranges(ctx: BuildContext, model: bytes, q: Any, qsvs: dict[str, Any],
     -> (quantized flatbuffer, the choice's manifest record or None)."""
     if not names:
         return _quantize(q, qsvs), None
-    if torch_ranged:
-        raise TFLiteBuildError(f"{ctx.recipe.name}: graph_ranges and torch-side activation_ranges both set ranges; "
-                               "give the recipe one of them")
     opts = ctx.recipe.options["graph_ranges"]
     data = ctx.choice_split(int(opts.get("held_out_images", 32)))
-    held = [_feed(ctx, x) for x in data.held]
+    held = np.concatenate(data.held)
     # The statistics pass comes last: the calibration stream records its image ids for the manifest.
     images = [_feed(ctx, x) for x in ctx.calibration_images(used)]
     ctx.log(f"observing {len(qsvs)} calibrated tensors of the float graph on {len(images)} calibration images")
@@ -282,9 +282,13 @@ def _graph_ranges(ctx: BuildContext, model: bytes, q: Any, qsvs: dict[str, Any],
     for name in names:
         est = ESTIMATORS[name]
         built[name] = _quantize(q, qsvs if est.kind == "minmax" else tflite_ranges.ranged(qsvs, obs, est))
-        measured[name] = compare(data.reference, _log_probabilities(built[name], held))
+        # Measured as eval runs an artifact: the device runner, the format's input contract.
+        candidate = ctx.workdir / f"graph-ranges-{len(measured)}.tflite"
+        candidate.write_bytes(built[name])
+        runner = tflite_runner.open(candidate, threads=torch.get_num_threads())
+        measured[name] = compare(data.reference, runner.run(held))
         ctx.log(f"  ranges by {name}: {measured[name].sqnr_db:.2f} dB, top-1 agreement "
-                f"{100 * measured[name].top1_agreement:.1f}% on {len(held)} held-out calibration images")
+                f"{100 * measured[name].top1_agreement:.1f}% on {len(data.held)} held-out calibration images")
     chosen = max(measured, key=lambda k: measured[k].sqnr_db)
     return built[chosen], {
         "chosen": chosen,
@@ -295,21 +299,6 @@ def _graph_ranges(ctx: BuildContext, model: bytes, q: Any, qsvs: dict[str, Any],
         "statistics_images": len(images),
         "held_out_image_ids": data.held_ids,
     }
-
-
-def _log_probabilities(model: bytes, fed: list[np.ndarray]) -> np.ndarray:
-    """float64 ``[N, classes]`` log-probabilities of flatbuffer ``model`` on its inputs ``fed`` (as fed)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_content=model, num_threads=max(1, torch.get_num_threads()))
-    interp.allocate_tensors()
-    i, o = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
-    out = []
-    for x in fed:
-        interp.set_tensor(i, x)
-        interp.invoke()
-        out.append(np.array(interp.get_tensor(o)))
-    return OUTPUT_CONTRACTS["probabilities"].log_scores(np.concatenate(out))
 
 
 def _static_recipe(q: Any, model: bytes, activation_bits: int, scope: str) -> bool:
@@ -385,9 +374,7 @@ def _torch_ranges(ctx: BuildContext, model: bytes, qsvs: dict[str, Any]) -> int:
         tensor = op.input if point.where == "input" else op.output
         if tensor not in qsvs:
             raise TFLiteBuildError(f"no calibration values for tensor {tensor!r} ({point}): cannot set its range")
-        old = qsvs[tensor]
-        qsvs[tensor] = {**old, "min": np.full_like(np.asarray(old["min"], dtype=np.float32), lo),
-                        "max": np.full_like(np.asarray(old["max"], dtype=np.float32), hi)}
+        qsvs[tensor] = tflite_ranges.with_range(qsvs[tensor], lo, hi)
         set_ += 1
     return set_
 

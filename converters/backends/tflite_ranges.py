@@ -63,8 +63,11 @@ def ranged(qsvs: Mapping[str, dict[str, Any]], obs: Mapping[str, Observation],
     max replaced by ``estimator``'s range of its observation; the others unchanged."""
     out = dict(qsvs)
     for name, o in obs.items():
-        lo, hi = estimator.range(o)
-        old = qsvs[name]
-        out[name] = {**old, "min": np.full_like(np.asarray(old["min"], dtype=np.float32), lo),
-                     "max": np.full_like(np.asarray(old["max"], dtype=np.float32), hi)}
+        out[name] = with_range(qsvs[name], *estimator.range(o))
     return out
+
+
+def with_range(qsv: Mapping[str, Any], lo: float, hi: float) -> dict[str, Any]:
+    """One tensor's calibration values with min and max set to ``lo`` and ``hi`` (same shapes)."""
+    return {**qsv, "min": np.full_like(np.asarray(qsv["min"], dtype=np.float32), lo),
+            "max": np.full_like(np.asarray(qsv["max"], dtype=np.float32), hi)}
