@@ -97,6 +97,9 @@ ESTIMATORS: dict[str, RangeEstimator] = {
     "minmax": RangeEstimator("minmax"),
     "percentile 99.999": RangeEstimator("percentile", 0.99999),
     "percentile 99.99": RangeEstimator("percentile", 0.9999),
+    "percentile 99.9": RangeEstimator("percentile", 0.999),
+    "percentile 99.5": RangeEstimator("percentile", 0.995),
+    "percentile 99": RangeEstimator("percentile", 0.99),
     "mse": RangeEstimator("mse"),
 }
 

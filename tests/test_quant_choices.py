@@ -199,7 +199,10 @@ def test_int8_all_chooses_its_migration_on_a_named_proxy_simulation(tmp_path, mo
 
     base = get_recipe("tflite-int8-all")
     assert base.options["smoothing"]["simulated_as"] == "static"
-    recipe = dataclasses.replace(base, options={**base.options,
+    # Fewer candidates than the recipe's, for time; per-group ranges keep two estimators.
+    graph = {**base.options["graph_ranges"], "held_out_images": 16,
+             "per_group": {**base.options["graph_ranges"]["per_group"], "estimators": ("minmax", "percentile 99.5")}}
+    recipe = dataclasses.replace(base, options={**base.options, "graph_ranges": graph,
                                                 "smoothing": {"alphas": [0.0, 0.5], "simulated_as": "static"}})
     monkeypatch.setattr(build, "select_recipes", lambda spec: [recipe])
     convert_tiny(tmp_path, "tflite-int8-all", reference_images=8, parity_images=4, calibration_images=32)
@@ -215,5 +218,6 @@ def test_int8_all_chooses_its_migration_on_a_named_proxy_simulation(tmp_path, mo
 
     graph = m.lowering["quantization"]["graph_ranges"]
     assert graph["chosen"] in graph["candidates"] and len(graph["candidates"]) == 4
+    assert graph["per_group"]["start"] == graph["chosen"] and graph["per_group"]["groups"]
     assert not set(graph["held_out_image_ids"]) & (evaluation | set(m.calibration["image_ids"]))
     assert set(graph["held_out_image_ids"]) <= used_image_ids(m)

@@ -143,23 +143,31 @@ def test_int8_scopes_quantize_layernorm_and_gelu(scope, make_context, tmp_path, 
 
 def test_graph_ranges_keep_the_build_best_on_held_out_images(make_context, tmp_path, subset):
     """Option ``graph_ranges`` (tflite-int8-all's): every calibrated tensor's range by each estimator in turn,
-    the build with the best held-out SQNR kept. Re-measured here, the artifact gives the chosen candidate's
-    number on the same held-out images, which are neither evaluation nor statistics images."""
+    the build with the best held-out SQNR kept, then an estimator per op group. Re-measured here, the
+    artifact gives the chosen candidate's number on the same held-out images, which are neither
+    evaluation nor statistics images."""
     ctx, out, result = _build(make_context, "tflite-int8", tmp_path, int8_scope="all",
-                              graph_ranges={"estimators": ("minmax", "percentile 99.99"), "held_out_images": 16})
+                              graph_ranges={"estimators": ("minmax", "percentile 99.99"), "held_out_images": 16,
+                                            "per_group": {"estimators": ("minmax", "percentile 99.9"), "passes": 1}})
     rec = result.lowering["quantization"]["graph_ranges"]
     assert set(rec["candidates"]) == {"minmax", "percentile 99.99"} and rec["tensors"] > 100
     sqnr = {k: v["sqnr_db"] for k, v in rec["candidates"].items()}
     assert sqnr["minmax"] != sqnr["percentile 99.99"]  # the ranges did change the build
     assert rec["chosen"] == max(sqnr, key=sqnr.__getitem__)
-    assert result.lowering["quantization"]["calibration"]["ranges"] == rec["chosen"]
+    assert result.lowering["quantization"]["calibration"]["ranges"] == "per op group"
+    group = rec["per_group"]
+    assert group["start"] == rec["chosen"] and group["start_sqnr_db"] == sqnr[rec["chosen"]]
+    assert sum(g["tensors"] for g in group["groups"].values()) == rec["tensors"]
+    assert group["sqnr_db"] >= group["start_sqnr_db"] and group["builds_measured"] > len(group["groups"]) / 2
+    moved = {m["group"]: m["estimator"] for m in group["moves"]}
+    assert all(g["estimator"] == moved.get(name, rec["chosen"]) for name, g in group["groups"].items())
     held = rec["held_out_image_ids"]
     assert len(held) == 16 and not set(held) & {s.image_id for s in subset.split("evaluation")}
     assert not set(held) & set(ctx.calibration_images.used_ids[:result.calibration_used])
     data = ctx.choice_split(16)
     assert data.held_ids == held
     again = compare(data.reference, runner_mod.open(out).run(np.concatenate(data.held)))
-    assert abs(again.sqnr_db - sqnr[rec["chosen"]]) < 0.05, (again.sqnr_db, sqnr)
+    assert abs(again.sqnr_db - group["sqnr_db"]) < 0.05, (again.sqnr_db, group)
 
 
 def test_graph_ranges_replace_only_observed_tensors():
@@ -175,6 +183,46 @@ def test_graph_ranges_replace_only_observed_tensors():
     assert out["b"] is qsvs["b"] and out["a"]["other"] == 1 and out["a"]["max"].shape == (1,)
     assert 99.9 < float(out["a"]["max"][0]) < 100.0 and -1.0 < float(out["a"]["min"][0]) < -0.98
     assert ranged(qsvs, {"a": obs}, ESTIMATORS["minmax"])["a"]["max"][0] == np.float32(100.0)
+
+
+def test_per_group_search_keeps_only_moves_that_gain():
+    """Coordinate descent over op groups (tflite_ranges.choose_per_group) on a known, separable score:
+    it finds each group's best estimator, skips candidates reported as already built (None), and keeps
+    no move that gains less than min_gain."""
+    from converters.backends.tflite_ranges import choose_per_group
+
+    cost = {"a": {"x": 0.0, "y": -1.0, "z": -0.5}, "b": {"x": 0.0, "y": 0.02, "z": -2.0}, "c": {"x": 0.0}}
+    calls = []
+
+    def score(choice):
+        calls.append(dict(choice))
+        if choice["c"] != "x":
+            return None  # e.g. a RESHAPE group: builds the same artifact
+        return 10.0 - sum(cost[g].get(e, 0.0) for g, e in choice.items())
+
+    out = choose_per_group(["a", "b", "c"], ["x", "y", "z"], "x", 10.0, score, passes=2, min_gain=0.05)
+    assert out.choice == {"a": "y", "b": "z", "c": "x"}  # b's y gains 0.02 < min_gain: not taken
+    assert out.score == 13.0 and out.start_score == 10.0
+    assert [m[:2] for m in out.moves] == [("a", "y"), ("b", "z")]
+    assert out.measured == sum(1 for c in calls if c["c"] == "x")  # None answers are not counted
+    assert len(calls) == 2 * 3 * 2  # two passes (the first changed something) of 3 groups x 2 other estimators
+
+
+def test_tensor_groups_follow_the_writing_op_and_its_module(make_context, tmp_path):
+    from converters.backends.tflite_ranges import tensor_groups
+
+    ctx, out, result = _build(make_context, "tflite-fp32", tmp_path)
+    model = backend._convert_fp32(ctx)[0]
+    from ai_edge_litert.interpreter import Interpreter
+
+    names = [d["name"] for d in Interpreter(model_content=model).get_tensor_details() if d["name"]]
+    groups = tensor_groups(model, names)
+    assert sum(map(len, groups.values())) == len(set(names))
+    # The stem's LayerNorm, the blocks', the downsampling ones and the final norm are four roles.
+    rsqrt = [g for g in groups if g.startswith("RSQRT in ")]
+    assert len(rsqrt) == 4 and all(g.endswith("LayerNorm") for g in rsqrt), sorted(groups)
+    assert "FULLY_CONNECTED in ExportClassifier/ConvNextStage/ConvNextLayer/Linear" in groups, sorted(groups)
+    assert "INPUT" in groups and "CONSTANT" in groups
 
 
 def test_unknown_graph_range_estimator_is_refused(make_context, tmp_path):

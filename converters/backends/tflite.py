@@ -225,7 +225,11 @@ def _static(ctx: BuildContext, model: bytes, result: BuildResult, activation_bit
     if head:
         result.notes.append("classifier FULLY_CONNECTED is dynamic-range int8 (int8 weights, float32 logits): "
                             "logits are not clipped to the range seen in calibration")
-    if graph_ranges:
+    if graph_ranges and graph_ranges.get("per_group"):
+        result.notes.append(f"activation ranges of {graph_ranges['tensors']} int8 tensors: an estimator per op group "
+                            f"({len(graph_ranges['per_group']['groups'])} groups, from {graph_ranges['chosen']} for all), "
+                            "chosen on held-out calibration images (lowering.quantization.graph_ranges)")
+    elif graph_ranges:
         result.notes.append(f"activation ranges of {graph_ranges['tensors']} int8 tensors: {graph_ranges['chosen']} "
                             "of their values over the calibration images, chosen on held-out calibration images "
                             "(lowering.quantization.graph_ranges)")
@@ -235,7 +239,8 @@ def _static(ctx: BuildContext, model: bytes, result: BuildResult, activation_bit
     else:
         result.notes.append("activation ranges: absolute min/max over all calibration images (ai-edge-quantizer's "
                             "default moving average keeps mostly the first images' ranges and clipped the logits)")
-    ranges = graph_ranges["chosen"] if graph_ranges else "absolute min/max"
+    ranges = ("per op group" if graph_ranges.get("per_group") else graph_ranges["chosen"]) if graph_ranges \
+        else "absolute min/max"
     return quantized, {"quantization": {
         "tool": "ai-edge-quantizer",
         "recipe": f"static_wi8_ai{activation_bits} with per-op settings",
@@ -249,12 +254,18 @@ def _static(ctx: BuildContext, model: bytes, result: BuildResult, activation_bit
 
 
 def _graph_range_estimators(ctx: BuildContext) -> tuple[str, ...]:
-    """The estimators of recipe option ``graph_ranges`` (names of `act_quant.ESTIMATORS`); () without it."""
-    names = tuple((ctx.recipe.options.get("graph_ranges") or {}).get("estimators", ()))
-    unknown = [n for n in names if n not in ESTIMATORS]
+    """The estimators of recipe option ``graph_ranges`` (names of `act_quant.ESTIMATORS`); () without it.
+    Those of ``graph_ranges.per_group`` are checked too."""
+    opts = ctx.recipe.options.get("graph_ranges") or {}
+    names = tuple(opts.get("estimators", ()))
+    per_group = tuple((opts.get("per_group") or {}).get("estimators", ()))
+    unknown = [n for n in (*names, *per_group) if n not in ESTIMATORS]
     if unknown:
         raise TFLiteBuildError(f"{ctx.recipe.name}: unknown range estimators {unknown} in option graph_ranges; "
                                f"known: {sorted(ESTIMATORS)}")
+    if opts.get("per_group") and not (names and per_group):
+        raise TFLiteBuildError(f"{ctx.recipe.name}: graph_ranges.per_group needs graph_ranges.estimators (the "
+                               "starting point) and estimators of its own")
     if names and ctx.activation_ranges:
         raise TFLiteBuildError(f"{ctx.recipe.name}: graph_ranges and torch-side activation_ranges both set ranges; "
                                "give the recipe one of them")
@@ -265,7 +276,8 @@ def _graph_ranges(ctx: BuildContext, model: bytes, q: Any, qsvs: dict[str, Any],
                   names: tuple[str, ...]) -> tuple[bytes, dict[str, Any] | None]:
     """Quantize with the calibrated ranges, or, given estimator ``names`` (option ``graph_ranges``), with every
     calibrated tensor's range by each estimator in turn (`tflite_ranges`), keeping the build with the best
-    SQNR on the held-out calibration images.
+    SQNR on the held-out calibration images; with ``graph_ranges.per_group``, then an estimator per op group
+    (`tflite_ranges.choose_per_group`), each candidate built and measured the same way.
 
     -> (quantized flatbuffer, the choice's manifest record or None)."""
     if not names:
@@ -277,20 +289,34 @@ def _graph_ranges(ctx: BuildContext, model: bytes, q: Any, qsvs: dict[str, Any],
     images = [_feed(ctx, x) for x in ctx.calibration_images(used)]
     ctx.log(f"observing {len(qsvs)} calibrated tensors of the float graph on {len(images)} calibration images")
     obs = tflite_ranges.observe(model, images, qsvs)
-    measured: dict[str, Fidelity] = {}
-    built: dict[str, bytes] = {}
-    for name in names:
-        est = ESTIMATORS[name]
-        built[name] = _quantize(q, qsvs if est.kind == "minmax" else tflite_ranges.ranged(qsvs, obs, est))
+    per_group = opts.get("per_group")
+    wanted = tuple(dict.fromkeys((*names, *(per_group or {}).get("estimators", ()))))
+    ranges = {e: {t: ESTIMATORS[e].range(o) for t, o in obs.items()} for e in wanted}
+    groups = tflite_ranges.tensor_groups(model, obs)
+    seen: set[str] = set()  # sha256 of every candidate measured (not the bytes: ~30 MB each at full size)
+
+    def measure(choice: dict[str, str]) -> tuple[str, Fidelity | None]:
+        """Build with ``choice`` (group -> estimator); measured unless an identical build was measured before."""
+        flat = _quantize(q, tflite_ranges.with_choice(qsvs, groups, ranges, choice))
+        key = hashlib.sha256(flat).hexdigest()
+        if key in seen:
+            return key, None
         # Measured as eval runs an artifact: the device runner, the format's input contract.
-        candidate = ctx.workdir / f"graph-ranges-{len(measured)}.tflite"
-        candidate.write_bytes(built[name])
-        runner = tflite_runner.open(candidate, threads=torch.get_num_threads())
-        measured[name] = compare(data.reference, runner.run(held))
+        candidate = ctx.workdir / "graph-ranges-candidate.tflite"
+        candidate.write_bytes(flat)
+        fid = compare(data.reference, tflite_runner.open(candidate, threads=torch.get_num_threads()).run(held))
+        seen.add(key)
+        return key, fid
+
+    measured: dict[str, Fidelity] = {}
+    keys: dict[str, str] = {}
+    for name in names:
+        keys[name], fid = measure(dict.fromkeys(groups, name))
+        measured[name] = fid if fid is not None else measured[next(k for k in keys if keys[k] == keys[name])]
         ctx.log(f"  ranges by {name}: {measured[name].sqnr_db:.2f} dB, top-1 agreement "
                 f"{100 * measured[name].top1_agreement:.1f}% on {len(data.held)} held-out calibration images")
     chosen = max(measured, key=lambda k: measured[k].sqnr_db)
-    return built[chosen], {
+    record: dict[str, Any] = {
         "chosen": chosen,
         "tensors": len(obs),
         "candidates": {k: {"sqnr_db": round(f.sqnr_db, 2), "top1_agreement": round(f.top1_agreement, 4)}
@@ -299,6 +325,43 @@ def _graph_ranges(ctx: BuildContext, model: bytes, q: Any, qsvs: dict[str, Any],
         "statistics_images": len(images),
         "held_out_image_ids": data.held_ids,
     }
+    if not per_group:
+        return _rebuilt(q, qsvs, groups, ranges, dict.fromkeys(groups, chosen), keys[chosen]), record
+    ctx.log(f"choosing an estimator per op group ({len(groups)} groups), starting from {chosen}")
+    key_of = {_choice_key(dict.fromkeys(groups, chosen)): keys[chosen]}
+
+    def score(choice: dict[str, str]) -> float | None:
+        key, fid = measure(choice)
+        key_of[_choice_key(choice)] = key
+        return None if fid is None else fid.sqnr_db  # None: the same artifact as one measured, it cannot gain
+
+    search = tflite_ranges.choose_per_group(
+        list(groups), tuple(per_group["estimators"]), chosen, measured[chosen].sqnr_db, score,
+        passes=int(per_group.get("passes", 2)), min_gain=float(per_group.get("min_gain_db", 0.05)), log=ctx.log)
+    record["per_group"] = {
+        "groups": {g: {"estimator": search.choice[g], "tensors": len(groups[g])} for g in groups},
+        "estimators": list(per_group["estimators"]),
+        "start": chosen, "start_sqnr_db": round(search.start_score, 2), "sqnr_db": round(search.score, 2),
+        "moves": [{"group": g, "estimator": e, "sqnr_db": round(v, 2)} for g, e, v in search.moves],
+        "builds_measured": search.measured,
+        "rule": f"coordinate descent over op groups, a move kept when it gains more than "
+                f"{float(per_group.get('min_gain_db', 0.05))} dB on the held-out calibration images",
+    }
+    return _rebuilt(q, qsvs, groups, ranges, search.choice, key_of[_choice_key(search.choice)]), record
+
+
+def _rebuilt(q: Any, qsvs: dict[str, Any], groups: dict[str, list[str]], ranges: dict[str, dict[str, tuple[float, float]]],
+             choice: dict[str, str], sha256: str) -> bytes:
+    """The chosen candidate, built again (candidates are not kept in memory) and checked to be the one measured."""
+    flat = _quantize(q, tflite_ranges.with_choice(qsvs, groups, ranges, choice))
+    if hashlib.sha256(flat).hexdigest() != sha256:
+        raise TFLiteBuildError("ai-edge-quantizer built a different artifact from the same ranges twice; the "
+                               "measured choice cannot be kept")
+    return flat
+
+
+def _choice_key(choice: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(choice.items()))
 
 
 def _static_recipe(q: Any, model: bytes, activation_bits: int, scope: str) -> bool:

@@ -16,8 +16,10 @@ held out), the stem LayerNorm's int8 output measures 15.3 dB with min/max ranges
 
 from __future__ import annotations
 
+import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -71,3 +73,109 @@ def with_range(qsv: Mapping[str, Any], lo: float, hi: float) -> dict[str, Any]:
     """One tensor's calibration values with min and max set to ``lo`` and ``hi`` (same shapes)."""
     return {**qsv, "min": np.full_like(np.asarray(qsv["min"], dtype=np.float32), lo),
             "max": np.full_like(np.asarray(qsv["max"], dtype=np.float32), hi)}
+
+
+def tensor_groups(model: bytes, names: Iterable[str]) -> dict[str, list[str]]:
+    """The tensors ``names`` of the flatbuffer ``model`` grouped by role: the op type that writes them and
+    the chain of torch module classes that op came from, e.g. ``"RSQRT in ConvNextLayerNorm"`` (the
+    stem's LayerNorm), ``"RSQRT in ConvNextStage/ConvNextLayer/ConvNextLayerNorm"`` (the blocks') or
+    ``"ADD in ConvNextStage/ConvNextLayer/SplitDepthwise"``; graph inputs are ``"INPUT"``, tensors no op
+    writes ``"CONSTANT"``. Groups are in the order of their first tensor in the flatbuffer.
+
+    litert-torch names each tensor after the module calls that made it, one ``<module path>.<Class>_<attribute>``
+    per call (``.../ConvNextStage_0/.../ConvNextLayer_0/....ConvNextLayerNorm_layernorm;5``); the classes
+    the tensors all share at the start (the export wrappers) are left out of the names.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    m = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model, 0))
+    sg = m.subgraphs[0]
+    writer = {sg.tensors[t].name.decode("utf-8"): fbu.opcode_to_name(m, op.opcodeIndex) or "?"
+              for op in sg.operators for t in op.outputs}
+    inputs = {sg.tensors[i].name.decode("utf-8") for i in sg.inputs}
+    wanted = set(names)
+    roles: list[tuple[str, str, tuple[str, ...]]] = []  # (tensor, op, module classes)
+    for t in sg.tensors:
+        name = t.name.decode("utf-8")
+        if name in wanted:
+            op = writer.get(name, "INPUT" if name in inputs else "CONSTANT")
+            roles.append((name, op, () if op in ("INPUT", "CONSTANT") else _classes(name)))
+    chains = [c for _, _, c in roles if c]
+    common = 0
+    while chains and all(len(c) > common + 1 and c[common] == chains[0][common] for c in chains):
+        common += 1
+    groups: dict[str, list[str]] = {}
+    for name, op, chain in roles:
+        key = f"{op} in {'/'.join(chain[common:])}" if chain else op
+        groups.setdefault(key, []).append(name)
+    return groups
+
+
+def _classes(tensor_name: str) -> tuple[str, ...]:
+    """The module classes in a litert-torch tensor name's scope path, outermost first."""
+    out = []
+    for part in tensor_name.split(";")[0].split("/"):
+        leaf = part.rsplit(".", 1)[-1]
+        cls = re.match(r"[A-Za-z][A-Za-z0-9]*(?=_)", leaf)
+        if cls:
+            out.append(cls.group(0))
+    return tuple(out)
+
+
+def with_choice(qsvs: Mapping[str, dict[str, Any]], groups: Mapping[str, Sequence[str]],
+                ranges: Mapping[str, Mapping[str, tuple[float, float]]], choice: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """``qsvs`` with each group's tensors ranged by the estimator ``choice`` names for the group.
+
+    ``ranges``: estimator name -> tensor name -> (lo, hi)."""
+    out = dict(qsvs)
+    for group, estimator in choice.items():
+        for name in groups[group]:
+            out[name] = with_range(qsvs[name], *ranges[estimator][name])
+    return out
+
+
+@dataclass(frozen=True)
+class GroupSearch:
+    """The result of `choose_per_group`: an estimator per group, the measured score, and the moves that
+    improved it (group, estimator, score after) in the order taken."""
+
+    choice: dict[str, str]
+    score: float
+    start_score: float
+    measured: int
+    moves: list[tuple[str, str, float]]
+
+
+def choose_per_group(groups: Sequence[str], estimators: Sequence[str], start: str, start_score: float,
+                     score: Callable[[dict[str, str]], float | None], passes: int = 2, min_gain: float = 0.05,
+                     log: Callable[[str], None] = lambda s: None) -> GroupSearch:
+    """Coordinate descent over the groups: from every group at ``start`` (measured: ``start_score``), try
+    each other estimator for one group at a time (the others held) and keep it when ``score`` (higher is
+    better; here the held-out SQNR of the built artifact) gains more than ``min_gain``; ``passes`` sweeps
+    over all groups, fewer when a sweep changes nothing.
+
+    ``score`` returns None for a candidate that builds an artifact measured before (it cannot gain: e.g.
+    ops whose output shares its input's quantization, or a choice already rejected).
+    """
+    choice = dict.fromkeys(groups, start)
+    best = first = start_score
+    measured, moves = 0, []
+    for sweep in range(passes):
+        changed = False
+        for group in groups:
+            for est in estimators:
+                if est == choice[group]:
+                    continue
+                got = score({**choice, group: est})
+                if got is None:
+                    continue
+                measured += 1
+                if got > best + min_gain:
+                    best, choice[group], changed = got, est, True
+                    moves.append((group, est, got))
+                    log(f"  {group}: {est} ({got:.2f})")
+        if not changed:
+            break
+        log(f"  pass {sweep + 1}: {best:.2f} after {measured} builds measured")
+    return GroupSearch(choice, best, first, measured, moves)
