@@ -170,19 +170,21 @@ def test_graph_ranges_keep_the_build_best_on_held_out_images(make_context, tmp_p
     assert abs(again.sqnr_db - group["sqnr_db"]) < 0.05, (again.sqnr_db, group)
 
 
-def test_graph_ranges_replace_only_observed_tensors():
+def test_graph_ranges_replace_only_the_chosen_groups_tensors():
     from converters.act_quant import ESTIMATORS, Observation
-    from converters.backends.tflite_ranges import ranged
+    from converters.backends.tflite_ranges import with_choice
 
     obs = Observation()
     g = torch.Generator().manual_seed(0)
     obs.add(torch.linspace(-1.0, 100.0, 10001), per_image=100000, g=g)
     qsvs = {"a": {"min": np.array([-1.0], np.float32), "max": np.array([100.0], np.float32), "other": 1},
             "b": {"min": np.array(-5.0, np.float32), "max": np.array(5.0, np.float32)}}
-    out = ranged(qsvs, {"a": obs}, ESTIMATORS["percentile 99.99"])
+    ranges = {name: {"a": ESTIMATORS[name].range(obs)} for name in ("percentile 99.99", "minmax")}
+    out = with_choice(qsvs, {"g": ["a"]}, ranges, {"g": "percentile 99.99"})
     assert out["b"] is qsvs["b"] and out["a"]["other"] == 1 and out["a"]["max"].shape == (1,)
     assert 99.9 < float(out["a"]["max"][0]) < 100.0 and -1.0 < float(out["a"]["min"][0]) < -0.98
-    assert ranged(qsvs, {"a": obs}, ESTIMATORS["minmax"])["a"]["max"][0] == np.float32(100.0)
+    assert with_choice(qsvs, {"g": ["a"]}, ranges, {"g": "minmax"})["a"]["max"][0] == np.float32(100.0)
+    assert with_choice(qsvs, {"g": ["a"]}, ranges, {})["a"] is qsvs["a"]
 
 
 def test_per_group_search_keeps_only_moves_that_gain():
