@@ -293,26 +293,25 @@ def _graph_ranges(ctx: BuildContext, model: bytes, q: Any, qsvs: dict[str, Any],
     wanted = tuple(dict.fromkeys((*names, *(per_group or {}).get("estimators", ()))))
     ranges = {e: {t: ESTIMATORS[e].range(o) for t, o in obs.items()} for e in wanted}
     groups = tflite_ranges.tensor_groups(model, obs)
-    seen: set[str] = set()  # sha256 of every candidate measured (not the bytes: ~30 MB each at full size)
+    seen: dict[str, Fidelity] = {}  # sha256 -> measurement of every candidate (not the bytes: ~30 MB each)
 
-    def measure(choice: dict[str, str]) -> tuple[str, Fidelity | None]:
-        """Build with ``choice`` (group -> estimator); measured unless an identical build was measured before."""
+    def measure(choice: dict[str, str]) -> tuple[str, Fidelity, bool]:
+        """Build with ``choice`` (group -> estimator) -> (sha256, measurement, whether it is new): a build
+        identical to one measured before is not measured again."""
         flat = _quantize(q, tflite_ranges.with_choice(qsvs, groups, ranges, choice))
         key = hashlib.sha256(flat).hexdigest()
         if key in seen:
-            return key, None
+            return key, seen[key], False
         # Measured as eval runs an artifact: the device runner, the format's input contract.
         candidate = ctx.workdir / "graph-ranges-candidate.tflite"
         candidate.write_bytes(flat)
-        fid = compare(data.reference, tflite_runner.open(candidate, threads=torch.get_num_threads()).run(held))
-        seen.add(key)
-        return key, fid
+        seen[key] = compare(data.reference, tflite_runner.open(candidate, threads=torch.get_num_threads()).run(held))
+        return key, seen[key], True
 
     measured: dict[str, Fidelity] = {}
     keys: dict[str, str] = {}
     for name in names:
-        keys[name], fid = measure(dict.fromkeys(groups, name))
-        measured[name] = fid if fid is not None else measured[next(k for k in keys if keys[k] == keys[name])]
+        keys[name], measured[name], _ = measure(dict.fromkeys(groups, name))
         ctx.log(f"  ranges by {name}: {measured[name].sqnr_db:.2f} dB, top-1 agreement "
                 f"{100 * measured[name].top1_agreement:.1f}% on {len(data.held)} held-out calibration images")
     chosen = max(measured, key=lambda k: measured[k].sqnr_db)
@@ -331,9 +330,9 @@ def _graph_ranges(ctx: BuildContext, model: bytes, q: Any, qsvs: dict[str, Any],
     key_of = {_choice_key(dict.fromkeys(groups, chosen)): keys[chosen]}
 
     def score(choice: dict[str, str]) -> float | None:
-        key, fid = measure(choice)
+        key, fid, new = measure(choice)
         key_of[_choice_key(choice)] = key
-        return None if fid is None else fid.sqnr_db  # None: the same artifact as one measured, it cannot gain
+        return fid.sqnr_db if new else None  # None: the same artifact as one measured, it cannot gain
 
     search = tflite_ranges.choose_per_group(
         list(groups), tuple(per_group["estimators"]), chosen, measured[chosen].sqnr_db, score,

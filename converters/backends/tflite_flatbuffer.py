@@ -76,6 +76,16 @@ def output_ops(model: bytes, depth: int = 2) -> list[tuple[str, str]]:
     return chain
 
 
+def tensor_writers(model: bytes) -> dict[str, str]:
+    """Every tensor name of ``model``'s graph, in flatbuffer order -> the op type writing it (``"INPUT"`` for
+    the graph's inputs, ``"CONSTANT"`` for tensors no op writes)."""
+    m = _read(model)
+    sg = m.subgraphs[0]
+    writer = {t: fbu.opcode_to_name(m, op.opcodeIndex) or "?" for op in sg.operators for t in op.outputs}
+    inputs = set(sg.inputs)
+    return {t.name.decode("utf-8"): writer.get(i, "INPUT" if i in inputs else "CONSTANT") for i, t in enumerate(sg.tensors)}
+
+
 _LAYER_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
 
 

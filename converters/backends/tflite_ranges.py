@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from converters.act_quant import Observation
+from converters.backends import tflite_flatbuffer as fb
 
 
 def observe(model: bytes, images: Iterable[np.ndarray], names: Iterable[str], per_image: int = 2048,
@@ -80,21 +81,9 @@ def tensor_groups(model: bytes, names: Iterable[str]) -> dict[str, list[str]]:
     per call (``.../ConvNextStage_0/.../ConvNextLayer_0/....ConvNextLayerNorm_layernorm;5``); the classes
     the tensors all share at the start (the export wrappers) are left out of the names.
     """
-    from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils as fbu
-
-    m = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model, 0))
-    sg = m.subgraphs[0]
-    writer = {sg.tensors[t].name.decode("utf-8"): fbu.opcode_to_name(m, op.opcodeIndex) or "?"
-              for op in sg.operators for t in op.outputs}
-    inputs = {sg.tensors[i].name.decode("utf-8") for i in sg.inputs}
     wanted = set(names)
-    roles: list[tuple[str, str, tuple[str, ...]]] = []  # (tensor, op, module classes)
-    for t in sg.tensors:
-        name = t.name.decode("utf-8")
-        if name in wanted:
-            op = writer.get(name, "INPUT" if name in inputs else "CONSTANT")
-            roles.append((name, op, () if op in ("INPUT", "CONSTANT") else _classes(name)))
+    roles = [(name, op, () if op in ("INPUT", "CONSTANT") else _classes(name))  # (tensor, op, module classes)
+             for name, op in fb.tensor_writers(model).items() if name in wanted]
     chains = [c for _, _, c in roles if c]
     common = 0
     while chains and all(len(c) > common + 1 and c[common] == chains[0][common] for c in chains):
