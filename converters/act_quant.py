@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from converters.hooked import run_hooked
+
 QMIN, QMAX = -128, 127
 
 
@@ -187,16 +189,7 @@ def observe(model: nn.Module, points: Iterable[Point], images: Iterable[np.ndarr
             handles.append(m.register_forward_pre_hook(lambda mod, inp, o=obs[p]: o.add(inp[0], per_image, g)))
         else:
             handles.append(m.register_forward_hook(lambda mod, inp, out, o=obs[p]: o.add(out, per_image, g)))
-    seen = 0
-    try:
-        for x in images:
-            model(torch.from_numpy(np.asarray(x, dtype=np.float32)))
-            seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if seen == 0:
-        raise ValueError("activation observation got no calibration images")
+    run_hooked(model, images, handles, "activation observation")
     return obs
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from converters.hooked import run_hooked
+
 
 @dataclass(frozen=True)
 class NormPair:
@@ -76,17 +78,7 @@ def activation_absmax(model: nn.Module, pairs: list[NormPair], images: Iterable[
             amax[name] = m if name not in amax else torch.maximum(amax[name], m)
         return f
 
-    handles = [modules[p.layer].register_forward_pre_hook(hook(p.layer)) for p in pairs]
-    try:
-        seen = 0
-        for x in images:
-            model(torch.from_numpy(np.asarray(x, dtype=np.float32)))
-            seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if seen == 0:
-        raise ValueError("smoothing got no calibration images")
+    run_hooked(model, images, [modules[p.layer].register_forward_pre_hook(hook(p.layer)) for p in pairs], "smoothing")
     return amax
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from converters.hooked import run_hooked
 from converters.quant_plan import quantizable_layers
 
 QMAX = 127  # symmetric int8 weights: [-127, 127]
@@ -201,22 +202,13 @@ def gptq_with(w: torch.Tensor, h: torch.Tensor | None, round_column: Callable[[t
     return q.to(torch.float32)
 
 
-@torch.no_grad()
 def collect_stats(model: nn.Module, layers: Sequence[tuple[str, nn.Module]],
-                  images: Iterable[np.ndarray]) -> tuple[dict[str, LayerStats], int]:
+                  images: Iterable[np.ndarray]) -> dict[str, LayerStats]:
     """Run float ``images`` (``[1, 3, H, W]`` float32 in [0, 1] each) and gather every layer's input moments."""
     stats = {n: LayerStats() for n, _ in layers}
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: stats[n].add(input_rows(mod, inp[0])))
-             for n, m in layers]
-    seen = 0
-    try:
-        for x in images:
-            model(torch.from_numpy(np.asarray(x, dtype=np.float32)))
-            seen += 1
-    finally:
-        for hk in hooks:
-            hk.remove()
-    return stats, seen
+    run_hooked(model, images, [m.register_forward_pre_hook(lambda mod, inp, n=n: stats[n].add(input_rows(mod, inp[0])))
+                               for n, m in layers], "weight rounding")
+    return stats
 
 
 @torch.no_grad()
@@ -229,9 +221,7 @@ def prepare_weights(model: nn.Module, images: Iterable[np.ndarray], cfg: WeightQ
     report = WeightQuantReport(cfg)
     stats: dict[str, LayerStats] = {}
     if cfg.method != "minmax" or cfg.bias_correction:
-        stats, seen = collect_stats(model, layers, images)
-        if seen == 0:
-            raise ValueError("weight rounding got no calibration images")
+        stats = collect_stats(model, layers, images)
     for i, (name, m) in enumerate(layers):
         w = weight_rows(m)
         h, mean = stats[name].finish() if name in stats else (None, None)

@@ -326,7 +326,7 @@ def test_p4_stores_the_rounded_weights_exactly(make_context, subset, tmp_path):
 
     ctx = unique_context(make_context, subset, "coreml-p4")
     layers = quantizable_layers(ctx.model)
-    stats, _ = collect_stats(ctx.model, layers, ctx.calibration_images(4))
+    stats = collect_stats(ctx.model, layers, ctx.calibration_images(4))
     kinds = ["lut2", "lut3", "lut4g", "lut6", "int8", "fp16", "lut4", "lut8"]
     storage = {n: Storage.parse(kinds[i % len(kinds)]) for i, (n, _) in enumerate(layers)}
     rounded = {n: cb.round_layer(m, *stats[n].finish(), storage[n]) for n, m in layers}

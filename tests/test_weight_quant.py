@@ -36,7 +36,7 @@ def images(tiny_calibration):
 def _output_error(model, images, layers_of):
     """Sum over layers of e^T H e: the layer outputs' squared error under the float inputs."""
     layers = quantizable(model)
-    stats, _ = collect_stats(model, layers, images)
+    stats = collect_stats(model, layers, images)
     total = 0.0
     for name, m in layers:
         h, _ = stats[name].finish()
@@ -77,7 +77,7 @@ def test_bias_correction_removes_the_mean_shift(tiny_model, images):
     """With bias correction, every layer's mean output on the calibration inputs equals the float one."""
     q, _ = prepare_weights(tiny_model, images[:8], WeightQuantConfig(method="minmax", bias_correction=True))
     layers_f, layers_q = dict(quantizable(tiny_model)), dict(quantizable(q))
-    stats, _ = collect_stats(tiny_model, list(layers_f.items()), images[:8])
+    stats = collect_stats(tiny_model, list(layers_f.items()), images[:8])
     for name, mf in layers_f.items():
         _, mean = stats[name].finish()
         mq = layers_q[name]
