@@ -202,7 +202,12 @@ def test_per_group_search_keeps_only_moves_that_gain():
             return None  # e.g. a RESHAPE group: builds the same artifact
         return 10.0 - sum(cost[g].get(e, 0.0) for g, e in choice.items())
 
-    out = choose_per_group(["a", "b", "c"], ["x", "y", "z"], "x", 10.0, score, passes=2, min_gain=0.05)
+    lines = []
+    out = choose_per_group(["a", "b", "c"], ["x", "y", "z"], "x", 10.0, score, passes=2, min_gain=0.05, log=lines.append)
+    # Progress: one line per group and pass, saying where the search is and what the group holds.
+    progress = [ln for ln in lines if ", group " in ln]
+    assert len(progress) == 6 and "pass 1, group 1/3: a: now y (11.00" in progress[0], lines
+    assert "pass 2, group 3/3: c: kept x (13.00" in progress[-1], lines
     assert out.choice == {"a": "y", "b": "z", "c": "x"}  # b's y gains 0.02 < min_gain: not taken
     assert out.score == 13.0 and out.start_score == 10.0
     assert [m[:2] for m in out.moves] == [("a", "y"), ("b", "z")]

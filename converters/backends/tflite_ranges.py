@@ -146,7 +146,8 @@ def choose_per_group(groups: Sequence[str], estimators: Sequence[str], start: st
     measured, moves = 0, []
     for sweep in range(passes):
         changed = False
-        for group in groups:
+        for i, group in enumerate(groups, 1):
+            before = choice[group]
             for est in estimators:
                 if est == choice[group]:
                     continue
@@ -157,7 +158,10 @@ def choose_per_group(groups: Sequence[str], estimators: Sequence[str], start: st
                 if got > best + min_gain:
                     best, choice[group], changed = got, est, True
                     moves.append((group, est, got))
-                    log(f"  {group}: {est} ({got:.2f})")
+            # One line per group: the search runs for minutes at full size.
+            kept = "kept" if choice[group] == before else "now"
+            log(f"  pass {sweep + 1}, group {i}/{len(groups)}: {group}: {kept} {choice[group]} ({best:.2f}, "
+                f"{measured} builds measured)")
         if not changed:
             break
         log(f"  pass {sweep + 1}: {best:.2f} after {measured} builds measured")
