@@ -72,14 +72,15 @@ def with_range(qsv: Mapping[str, Any], lo: float, hi: float) -> dict[str, Any]:
 
 def tensor_groups(model: bytes, names: Iterable[str]) -> dict[str, list[str]]:
     """The tensors ``names`` of the flatbuffer ``model`` grouped by role: the op type that writes them and
-    the chain of torch module classes that op came from, e.g. ``"RSQRT in ConvNextLayerNorm"`` (the
-    stem's LayerNorm), ``"RSQRT in ConvNextStage/ConvNextLayer/ConvNextLayerNorm"`` (the blocks') or
-    ``"ADD in ConvNextStage/ConvNextLayer/SplitDepthwise"``; graph inputs are ``"INPUT"``, tensors no op
+    the chain of torch module classes that op came from, e.g. ``"RSQRT in ExportClassifier/ConvNextLayerNorm"``
+    (the stem's LayerNorm), ``"RSQRT in ExportClassifier/ConvNextStage/ConvNextLayer/ConvNextLayerNorm"`` (the
+    blocks') or ``"ADD in ExportClassifier/ConvNextStage/ConvNextLayer/SplitDepthwise"``; graph inputs are ``"INPUT"``, tensors no op
     writes ``"CONSTANT"``. Groups are in the order of their first tensor in the flatbuffer.
 
     litert-torch names each tensor after the module calls that made it, one ``<module path>.<Class>_<attribute>``
     per call (``.../ConvNextStage_0/.../ConvNextLayer_0/....ConvNextLayerNorm_layernorm;5``); the classes
-    the tensors all share at the start (the export wrappers) are left out of the names.
+    every chain starts with are left out of the names while each chain keeps one (at full size the head's
+    ops sit directly in ``ExportClassifier``, so it stays).
     """
     wanted = set(names)
     roles = [(name, op, () if op in ("INPUT", "CONSTANT") else _classes(name))  # (tensor, op, module classes)
