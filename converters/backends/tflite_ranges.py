@@ -74,8 +74,8 @@ def tensor_groups(model: bytes, names: Iterable[str]) -> dict[str, list[str]]:
     """The tensors ``names`` of the flatbuffer ``model`` grouped by role: the op type that writes them and
     the chain of torch module classes that op came from, e.g. ``"RSQRT in ExportClassifier/ConvNextLayerNorm"``
     (the stem's LayerNorm), ``"RSQRT in ExportClassifier/ConvNextStage/ConvNextLayer/ConvNextLayerNorm"`` (the
-    blocks') or ``"ADD in ExportClassifier/ConvNextStage/ConvNextLayer/SplitDepthwise"``; graph inputs are ``"INPUT"``, tensors no op
-    writes ``"CONSTANT"``. Groups are in the order of their first tensor in the flatbuffer.
+    blocks') or ``"ADD in ExportClassifier/ConvNextStage/ConvNextLayer/SplitDepthwise"``; graph inputs are
+    ``"INPUT"``, tensors no op writes ``"CONSTANT"``. Groups are in the order of their first tensor in the flatbuffer.
 
     litert-torch names each tensor after the module calls that made it, one ``<module path>.<Class>_<attribute>``
     per call (``.../ConvNextStage_0/.../ConvNextLayer_0/....ConvNextLayerNorm_layernorm;5``); the classes
