@@ -202,12 +202,14 @@ def gptq_with(w: torch.Tensor, h: torch.Tensor | None, round_column: Callable[[t
     return q.to(torch.float32)
 
 
-def collect_stats(model: nn.Module, layers: Sequence[tuple[str, nn.Module]],
-                  images: Iterable[np.ndarray]) -> dict[str, LayerStats]:
-    """Run float ``images`` (``[1, 3, H, W]`` float32 in [0, 1] each) and gather every layer's input moments."""
+def collect_stats(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], images: Iterable[np.ndarray],
+                  what: str = "weight rounding") -> dict[str, LayerStats]:
+    """Run float ``images`` (``[1, 3, H, W]`` float32 in [0, 1] each) and gather every layer's input moments.
+
+    ``what`` names the caller in the error raised when ``images`` is empty."""
     stats = {n: LayerStats() for n, _ in layers}
     run_hooked(model, images, [m.register_forward_pre_hook(lambda mod, inp, n=n: stats[n].add(input_rows(mod, inp[0])))
-                               for n, m in layers], "weight rounding")
+                               for n, m in layers], what)
     return stats
 
 

@@ -42,3 +42,13 @@ def test_an_empty_stream_names_the_pass():
     with pytest.raises(ValueError, match="weight rounding got no calibration images"):
         run_hooked(model, [], [handle], "weight rounding")
     assert not model[0]._forward_pre_hooks
+
+
+def test_collect_stats_names_its_caller():
+    from converters.weight_quant import collect_stats
+
+    model = _model()
+    with pytest.raises(ValueError, match="coreml-p4's per-layer storage choice got no calibration images"):
+        collect_stats(model, [("0", model[0])], [], "coreml-p4's per-layer storage choice")
+    with pytest.raises(ValueError, match="^weight rounding got no calibration images"):
+        collect_stats(model, [("0", model[0])], [])

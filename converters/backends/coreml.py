@@ -271,7 +271,8 @@ def _build_p4(ctx: BuildContext, precision: str, lowering: dict[str, Any],
     held, held_ids = np.concatenate(data.held).astype(np.float32), data.held_ids
     ctx.log(f"layer statistics on {len(stats_images)} calibration images; choices measured on {len(held_ids)} "
             f"held-out calibration images; {budget / 1e6:.2f} MB for the weights")
-    stats = collect_stats(model, [(n, m) for n, m in layers if not plan.is_float(n)], stats_images)
+    stats = collect_stats(model, [(n, m) for n, m in layers if not plan.is_float(n)], stats_images,
+                          f"{ctx.recipe.name}'s per-layer storage choice")
     choice = cb.choose_storage(model, layers, candidates, plan.float_layers, stats, torch.from_numpy(held), budget,
                                float(opts.get("lut_min_gain_db", 0.5)), ctx.log)
     del stats
