@@ -17,6 +17,15 @@ them through `apply` (recipe option ``rewrites``):
   against 0.96 ms for the three pieces and their two adds; on full ConvNeXt-T fp32, 67-69 ms -> 43-46
   ms. Three is the fewest: two kernels of at most 25 taps whose offset sets are products of (dilated)
   centred ranges cannot cover a 7x7.
+* ``fold_norm_affine``: each LayerNorm that feeds one conv or linear (`converters.smoothing.norm_pairs`:
+  every block's ``layernorm`` -> ``pwconv1``, the downsampling LayerNorms -> their 2x2 stride-2 convs,
+  the final ``norm`` -> the classifier) loses its affine ``g * n + b``, which the next layer takes as
+  ``W' = W diag(g)`` (per input channel) and ``b' = b_next + W b`` (summed over the kernel taps for the
+  unpadded 2x2 conv, where every output sees ``b`` at every tap). In an all-int8 graph
+  (`tflite-int8-all`) it removes the LayerNorm's last MUL and ADD and with them two requantizations per
+  LayerNorm. It leaves no LayerNorm affine for `converters.smoothing` to migrate (the next layer's input
+  is then the normalized ``n`` whatever the strength). The stem's LayerNorm also feeds the residual
+  stream and keeps its affine.
 * ``channels_first``: every block computes in NCHW from end to end: ``pwconv1``/``pwconv2`` become 1x1
   convs (same names, same weights) and every LayerNorm over channels (each block's, the stem's and
   the downsampling ones) becomes `ChannelLayerNorm`, whose channel means are 1-output 1x1 convs. The
@@ -83,14 +92,16 @@ class ChannelLayerNorm(nn.Module):
         self.eps = float(norm.eps)
         # Stored as [1, C, 1, 1]: indexing a [C] parameter in forward leaves unsqueeze ops that the
         # static-int8 export keeps outside the XNNPACK partition (18 of them in the tiny model).
-        self.weight = nn.Parameter(norm.weight.detach().clone().reshape(1, c, 1, 1))
-        self.bias = nn.Parameter(norm.bias.detach().clone().reshape(1, c, 1, 1))
+        self.weight = None if norm.weight is None else nn.Parameter(norm.weight.detach().clone().reshape(1, c, 1, 1))
+        self.bias = None if norm.bias is None else nn.Parameter(norm.bias.detach().clone().reshape(1, c, 1, 1))
         self.register_buffer("mean_kernel", torch.full((1, c, 1, 1), 1.0 / c), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x - F.conv2d(x, self.mean_kernel)
         var = F.conv2d(d * d, self.mean_kernel)
-        return d * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        y = d * torch.rsqrt(var + self.eps)
+        y = y if self.weight is None else y * self.weight  # None after `fold_norm_affine`
+        return y if self.bias is None else y + self.bias
 
 
 class ChannelsFirstBlock(nn.Module):
@@ -149,6 +160,36 @@ def fold_layer_scale(model: nn.Module) -> tuple[nn.Module, int]:
     return model, n
 
 
+@torch.no_grad()
+def fold_norm_affine(model: nn.Module) -> tuple[nn.Module, int]:
+    """(copy of ``model`` with each paired LayerNorm's affine folded into its next layer, LayerNorms changed)."""
+    from converters.smoothing import norm_pairs  # the pairs are the migration's: one definition
+
+    model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    n = 0
+    for pair in norm_pairs(model):
+        norm, layer = modules[pair.norm], modules[pair.layer]
+        if norm.weight is None and norm.bias is None:
+            continue
+        if isinstance(layer, nn.Conv2d) and (layer.padding != (0, 0) or layer.groups != 1):
+            raise ValueError(f"{pair.layer}: a padded or grouped conv cannot take {pair.norm}'s affine exactly")
+        w = layer.weight.detach().to(torch.float64)
+        if norm.bias is not None:
+            b = norm.bias.detach().to(torch.float64)
+            extra = torch.einsum("oihw,i->o", w, b) if w.dim() == 4 else w @ b  # [out], with the unscaled W
+            if layer.bias is None:
+                layer.bias = nn.Parameter(extra.to(layer.weight.dtype))
+            else:
+                layer.bias.copy_((layer.bias.to(torch.float64) + extra).to(layer.bias.dtype))
+        if norm.weight is not None:
+            g = norm.weight.detach().to(torch.float64)
+            layer.weight.copy_((w * g.view((1, -1, 1, 1) if w.dim() == 4 else (1, -1))).to(layer.weight.dtype))
+        norm.weight, norm.bias, norm.elementwise_affine = None, None, False
+        n += 1
+    return model, n
+
+
 def split_depthwise(model: nn.Module) -> tuple[nn.Module, int]:
     """(copy of ``model`` with every block's 7x7 depthwise conv split (`SplitDepthwise`), convs changed)."""
     model = copy.deepcopy(model)
@@ -188,6 +229,7 @@ def split_layout(passes: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...
 PASSES: dict[str, Callable[[nn.Module], tuple[nn.Module, int]]] = {
     "fold_layer_scale": fold_layer_scale,
     "split_depthwise": split_depthwise,
+    "fold_norm_affine": fold_norm_affine,
     "channels_first": channels_first,
 }
 

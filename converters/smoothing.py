@@ -102,6 +102,9 @@ def smooth(model: nn.Module, amax: dict[str, torch.Tensor], alpha: float,
         if p.layer in skip:
             continue
         norm, layer = modules[p.norm], modules[p.layer]
+        if norm.weight is None or norm.bias is None:
+            raise ValueError(f"{p.norm} has no affine to migrate (the fold_norm_affine rewrite moved it into "
+                             f"{p.layer}); give the recipe the smoothing option or that rewrite, not both")
         a = amax[p.layer].to(torch.float64).clamp_min(1e-5)
         wmax = _weight_absmax(layer).to(torch.float64).clamp_min(1e-5)
         s = (a ** alpha / wmax ** (1.0 - alpha)).clamp(1e-4, 1e4)

@@ -190,19 +190,22 @@ def test_convert_records_every_choice_on_calibration_images_only(tmp_path, monke
     assert m.parity["status"] == "measured"
 
 
-def test_int8_all_chooses_its_migration_on_a_named_proxy_simulation(tmp_path, monkeypatch, subset):
-    """tflite-int8-all's own int8 LayerNorm/GELU/adds are not simulated: its migration strength is chosen
-    with the static conv/linear simulation its recipe names (``simulated_as``), and the manifest says so."""
+def test_int8_all_can_choose_a_migration_on_a_named_proxy_simulation(tmp_path, monkeypatch, subset):
+    """tflite-int8-all's own int8 LayerNorm/GELU/adds are not simulated. By default it folds its LayerNorm
+    affines into the next layers (nothing left to migrate); a variant that keeps them can choose a migration
+    strength with the static conv/linear simulation its recipe names (``simulated_as``), and the manifest
+    says so."""
     import converters.build as build
     from edge_convnext.manifest import read_manifest
     from edge_convnext.recipes import get_recipe
 
     base = get_recipe("tflite-int8-all")
-    assert base.options["smoothing"]["simulated_as"] == "static"
+    assert "fold_norm_affine" in base.options["rewrites"] and "smoothing" not in base.options
     # Fewer candidates than the recipe's, for time; per-group ranges keep two estimators.
     graph = {**base.options["graph_ranges"], "held_out_images": 16,
              "per_group": {**base.options["graph_ranges"]["per_group"], "estimators": ("minmax", "percentile 99.5")}}
-    recipe = dataclasses.replace(base, options={**base.options, "graph_ranges": graph,
+    kept = tuple(r for r in base.options["rewrites"] if r != "fold_norm_affine")
+    recipe = dataclasses.replace(base, options={**base.options, "graph_ranges": graph, "rewrites": kept,
                                                 "smoothing": {"alphas": [0.0, 0.5], "simulated_as": "static"}})
     monkeypatch.setattr(build, "select_recipes", lambda spec: [recipe])
     convert_tiny(tmp_path, "tflite-int8-all", reference_images=8, parity_images=4, calibration_images=32)

@@ -24,16 +24,19 @@ def model_and_images(tiny_weights, subset):
     return model, torch.from_numpy(x)
 
 
-@pytest.mark.parametrize("names", [["fold_layer_scale"], ["split_depthwise"], ["channels_first"],
+@pytest.mark.parametrize("names", [["fold_layer_scale"], ["split_depthwise"], ["fold_norm_affine"], ["channels_first"],
                                    ["fold_layer_scale", "split_depthwise", "channels_first"],
+                                   ["fold_layer_scale", "split_depthwise", "fold_norm_affine", "channels_first"],
                                    ["channels_first", "fold_layer_scale", "split_depthwise"]])
 def test_rewrites_are_float_equal(model_and_images, names):
     model, x = model_and_images
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rewritten, counts = rewrites.apply(model, names)
     blocks = sum(len(stage.layers) for stage in model.stages)
-    norms = blocks + 1 + sum(len(stage.downsampling_layer) == 2 for stage in model.stages)  # + stem, downsampling
-    assert counts == {n: norms if n == "channels_first" else blocks for n in names}  # every block rewritten
+    downsampling = sum(len(stage.downsampling_layer) == 2 for stage in model.stages)
+    want = {"channels_first": blocks + 1 + downsampling,  # + stem, downsampling LayerNorms
+            "fold_norm_affine": blocks + downsampling + 1}  # + the final norm; the stem keeps its bias
+    assert counts == {n: want.get(n, blocks) for n in names}  # every block rewritten
     with torch.no_grad():
         ref, got = model(x), rewritten(x)
     assert ref.std() > 1.0  # spread logits: the bound below means something
@@ -144,3 +147,26 @@ def test_centring_refuses_a_layer_without_a_producer_to_shift(model_and_images):
     name = next(n for n, _ in model.named_modules() if n.endswith("pwconv1"))
     with pytest.raises(ValueError, match="pwconv1"):
         center_inputs(model, {name: 1.0})
+
+
+def test_fold_norm_affine_moves_every_paired_affine_and_keeps_the_stems(model_and_images):
+    from converters.smoothing import norm_pairs
+
+    model, x = model_and_images
+    rewritten, _ = rewrites.apply(model, ["fold_norm_affine"])
+    before, after = dict(model.named_modules()), dict(rewritten.named_modules())
+    for pair in norm_pairs(model):
+        # a real affine moved, not an identity one
+        assert before[pair.norm].bias.abs().max() > 0.01 and (before[pair.norm].weight - 1).abs().max() > 0.01
+        assert after[pair.norm].weight is None and after[pair.norm].bias is None
+        assert not torch.equal(after[pair.layer].bias, before[pair.layer].bias)
+        assert not torch.equal(after[pair.layer].weight, before[pair.layer].weight)
+    assert after["embeddings.layernorm"].bias is not None  # it also feeds the residual stream
+    with pytest.raises(ValueError, match="no affine to migrate"):
+        from converters.smoothing import smooth
+
+        smooth(rewritten, {p.layer: torch.ones(1) for p in norm_pairs(model)}, 0.5)
+    # and the channels-first LayerNorm of ExecuTorch's layout takes a bias-free LayerNorm
+    cf, _ = rewrites.apply(rewritten, ["channels_first"])
+    with torch.no_grad():
+        assert (cf(x) - model(x)).abs().max().item() <= 1e-4
