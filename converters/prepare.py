@@ -162,9 +162,10 @@ class Preparation:
         if alphas:
             sim = scheme
             if sim is None and smoothing.get("simulated_as"):
-                # A proxy, named by the recipe: its own scheme is not simulated (tflite-int8-all's int8
-                # LayerNorm, GELU and adds), but the LayerNorm outputs the migration acts on are quantized
-                # the same way in the proxy.
+                # A proxy, named by the recipe: its own scheme is not simulated (an all-int8 LiteRT graph's
+                # LayerNorm, GELU and adds; tflite-int8-all itself folds its LayerNorm affines instead of
+                # migrating them), but the LayerNorm outputs the migration acts on are quantized the same
+                # way in the proxy.
                 sim = Scheme(str(smoothing["simulated_as"]))
             if sim is None:
                 raise EdgeConvNextError(f"{recipe.name}: smoothing needs a simulated activation scheme; "

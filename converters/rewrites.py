@@ -163,7 +163,7 @@ def fold_layer_scale(model: nn.Module) -> tuple[nn.Module, int]:
 @torch.no_grad()
 def fold_norm_affine(model: nn.Module) -> tuple[nn.Module, int]:
     """(copy of ``model`` with each paired LayerNorm's affine folded into its next layer, LayerNorms changed)."""
-    from converters.smoothing import norm_pairs  # the pairs are the migration's: one definition
+    from converters.smoothing import norm_pairs, scale_input_channels  # the migration's pairs and scaling
 
     model = copy.deepcopy(model)
     modules = dict(model.named_modules())
@@ -174,17 +174,16 @@ def fold_norm_affine(model: nn.Module) -> tuple[nn.Module, int]:
             continue
         if isinstance(layer, nn.Conv2d) and (layer.padding != (0, 0) or layer.groups != 1):
             raise ValueError(f"{pair.layer}: a padded or grouped conv cannot take {pair.norm}'s affine exactly")
-        w = layer.weight.detach().to(torch.float64)
-        if norm.bias is not None:
+        if norm.bias is not None:  # first, with the unscaled W
+            w = layer.weight.detach().to(torch.float64)
             b = norm.bias.detach().to(torch.float64)
-            extra = torch.einsum("oihw,i->o", w, b) if w.dim() == 4 else w @ b  # [out], with the unscaled W
+            extra = torch.einsum("oihw,i->o", w, b) if w.dim() == 4 else w @ b  # [out]
             if layer.bias is None:
                 layer.bias = nn.Parameter(extra.to(layer.weight.dtype))
             else:
                 layer.bias.copy_((layer.bias.to(torch.float64) + extra).to(layer.bias.dtype))
         if norm.weight is not None:
-            g = norm.weight.detach().to(torch.float64)
-            layer.weight.copy_((w * g.view((1, -1, 1, 1) if w.dim() == 4 else (1, -1))).to(layer.weight.dtype))
+            scale_input_channels(layer, norm.weight.detach())
         norm.weight, norm.bias, norm.elementwise_affine = None, None, False
         n += 1
     return model, n

@@ -67,6 +67,13 @@ def _weight_absmax(layer: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
+def scale_input_channels(layer: nn.Module, s: torch.Tensor) -> None:
+    """``W[:, c] *= s[c]`` in place for a conv (``[out, in, kh, kw]``) or linear (``[out, in]``); ``s``: ``[in]``."""
+    shape = (1, -1, 1, 1) if layer.weight.dim() == 4 else (1, -1)
+    layer.weight.copy_((layer.weight.to(torch.float64) * s.to(torch.float64).view(shape)).to(layer.weight.dtype))
+
+
+@torch.no_grad()
 def activation_absmax(model: nn.Module, pairs: list[NormPair], images: Iterable[np.ndarray]) -> dict[str, torch.Tensor]:
     """Per pair, ``max|y_c|`` of the LayerNorm output over ``images`` (float32 ``[1, 3, H, W]`` in [0, 1])."""
     modules = dict(model.named_modules())
@@ -110,7 +117,6 @@ def smooth(model: nn.Module, amax: dict[str, torch.Tensor], alpha: float,
         s = (a ** alpha / wmax ** (1.0 - alpha)).clamp(1e-4, 1e4)
         norm.weight.copy_((norm.weight.to(torch.float64) / s).to(norm.weight.dtype))
         norm.bias.copy_((norm.bias.to(torch.float64) / s).to(norm.bias.dtype))
-        shape = (1, -1, 1, 1) if layer.weight.dim() == 4 else (1, -1)
-        layer.weight.copy_((layer.weight.to(torch.float64) * s.view(shape)).to(layer.weight.dtype))
+        scale_input_channels(layer, s)
         n += 1
     return model.eval(), n
