@@ -160,21 +160,10 @@ class Preparation:
         smoothing = recipe.options.get("smoothing", {})
         alphas = tuple(smoothing.get("alphas", ()))
         if alphas:
-            sim = scheme
-            if sim is None and smoothing.get("simulated_as"):
-                # A proxy, named by the recipe: its own scheme is not simulated (an all-int8 LiteRT graph's
-                # LayerNorm, GELU and adds; tflite-int8-all itself folds its LayerNorm affines instead of
-                # migrating them), but the LayerNorm outputs the migration acts on are quantized the same
-                # way in the proxy.
-                sim = Scheme(str(smoothing["simulated_as"]))
-            if sim is None:
+            if scheme is None:
                 raise EdgeConvNextError(f"{recipe.name}: smoothing needs a simulated activation scheme; "
                                         f"{recipe.format.key} {recipe.precision} has none")
-            prepared.model, prepared.smoothing = self._smooth(model, passes, plan, sim, alphas)
-            if sim is not scheme:
-                prepared.smoothing = {**prepared.smoothing, "proxy": (
-                    f"the recipe's own quantization is not simulated; strength chosen with {sim.kind} activations "
-                    "at every conv/linear input and output simulated instead (recipe option simulated_as)")}
+            prepared.model, prepared.smoothing = self._smooth(model, passes, plan, scheme, alphas)
 
         prepared.float_model = prepared.model
         rounding = recipe.options.get("weight_rounding")

@@ -190,31 +190,32 @@ def test_convert_records_every_choice_on_calibration_images_only(tmp_path, monke
     assert m.parity["status"] == "measured"
 
 
-def test_int8_all_can_choose_a_migration_on_a_named_proxy_simulation(tmp_path, monkeypatch, subset):
-    """tflite-int8-all's own int8 LayerNorm/GELU/adds are not simulated. By default it folds its LayerNorm
-    affines into the next layers (nothing left to migrate); a variant that keeps them can choose a migration
-    strength with the static conv/linear simulation its recipe names (``simulated_as``), and the manifest
-    says so."""
+def test_int8_all_chooses_its_ranges_on_held_out_calibration_images_only(tmp_path, monkeypatch, subset, tiny_weights,
+                                                                          tiny_calibration):
+    """tflite-int8-all's own int8 LayerNorm/GELU/adds are not simulated on the torch side, so it folds its
+    LayerNorm affines into the next layers (nothing left to migrate) and chooses its ranges on built artifacts.
+    A variant asking for a migration is refused by name; the recipe's range choices use held-out calibration
+    images that set no statistic, never evaluation images."""
     import converters.build as build
+    from converters.prepare import Preparation
     from edge_convnext.manifest import read_manifest
     from edge_convnext.recipes import get_recipe
 
     base = get_recipe("tflite-int8-all")
     assert "fold_norm_affine" in base.options["rewrites"] and "smoothing" not in base.options
+    migrating = dataclasses.replace(base, options={**base.options, "smoothing": {"alphas": [0.0, 0.5]}})
+    prep = Preparation(export_model(tiny_weights.model, tiny_weights.preprocessing).eval(), tiny_calibration, 8)
+    with pytest.raises(EdgeConvNextError, match="tflite-int8-all: smoothing needs a simulated activation scheme"):
+        prep.prepare(migrating)
     # Fewer candidates than the recipe's, for time; per-group ranges keep two estimators.
     graph = {**base.options["graph_ranges"], "held_out_images": 16,
              "per_group": {**base.options["graph_ranges"]["per_group"], "estimators": ("minmax", "percentile 99.5")}}
-    kept = tuple(r for r in base.options["rewrites"] if r != "fold_norm_affine")
-    recipe = dataclasses.replace(base, options={**base.options, "graph_ranges": graph, "rewrites": kept,
-                                                "smoothing": {"alphas": [0.0, 0.5], "simulated_as": "static"}})
+    recipe = dataclasses.replace(base, options={**base.options, "graph_ranges": graph})
     monkeypatch.setattr(build, "select_recipes", lambda spec: [recipe])
     convert_tiny(tmp_path, "tflite-int8-all", reference_images=8, parity_images=4, calibration_images=32)
     m = read_manifest(tmp_path / "tflite-int8-all.json")
-    rec = m.lowering["smoothing"]
-    assert rec["chosen"] in rec["candidates"] and set(rec["candidates"]) == {"alpha 0", "alpha 0.5"}
-    assert "not simulated" in rec["proxy"] and (rec["pairs_migrated"] > 0) == (rec["alpha"] > 0)
+    assert "smoothing" not in m.lowering and m.lowering["rewrites"]["fold_norm_affine"] > 0
     evaluation = {s.image_id for s in subset.split("evaluation")}
-    assert not (set(rec["held_out_ids"]) | set(rec["fit_ids"])) & evaluation
     assert m.lowering["quantization"]["activation_scope"] == "all"
     # Its int8 tensors' ranges are chosen by building the artifact per estimator (tflite_ranges).
     from converters.layer_report import used_image_ids
