@@ -118,6 +118,66 @@ def _mse_range(obs: Observation, steps: int = 41) -> tuple[float, float]:
     return best[1], best[2]
 
 
+# A layer whose output goes through GELU into the input of a sibling layer (ConvNeXt's blocks):
+# layer suffix -> (the GELU module's suffix, the consumer's suffix).
+GELU_PAIRS = {"pwconv1": ("act", "pwconv2")}
+_GELU_MIN_X = -0.7517916  # GELU's minimum (-0.16997): below it |GELU(x)| falls towards 0 as x falls
+
+
+def gelu(x: float) -> float:
+    """The exact (erf) GELU of a float, as ``transformers``' ``GELUActivation`` computes it."""
+    return 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def gelu_floor(limit: float) -> float:
+    """The ``x <= -0.75`` at which ``|GELU(x)| = limit``: clamping GELU's input there moves its output by less
+    than ``limit`` for any input below (``-0.75`` itself when ``limit`` exceeds GELU's depth, 0.17)."""
+    if limit >= -gelu(_GELU_MIN_X):
+        return _GELU_MIN_X
+    lo, hi = -40.0, _GELU_MIN_X  # |GELU| rises from ~0 at lo to 0.17 at hi: bisection
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if -gelu(mid) < limit else (lo, mid)
+    return hi
+
+
+def gelu_producers(model: nn.Module, layers: Iterable[str]) -> dict[str, str]:
+    """{layer: consumer} for each of ``layers`` whose output reaches ``consumer``'s input through a GELU
+    module only (`GELU_PAIRS`)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name in layers:
+        parent, _, leaf = name.rpartition(".")
+        if leaf not in GELU_PAIRS:
+            continue
+        act, consumer = (f"{parent}.{s}" if parent else s for s in GELU_PAIRS[leaf])
+        if "GELU" in type(modules.get(act)).__name__ and consumer in modules:
+            out[name] = consumer
+    return out
+
+
+def floor_gelu_inputs(ranges: Mapping[Point, tuple[float, float]], pairs: Mapping[str, str], fraction: float
+                      ) -> tuple[dict[Point, tuple[float, float]], dict[str, float]]:
+    """(``ranges`` with the low end of each GELU input raised, the floors by layer).
+
+    A GELU input's range (the output of a `gelu_producers` layer) is symmetric around 0, but GELU maps
+    everything below about -3 to within a few thousandths of 0: an int8 grid spends a third of its steps
+    there. Each range's low end is raised to `gelu_floor` of ``fraction`` times the step of the grid
+    GELU's output is quantized on (the consumer's input range), so the clamp moves GELU's output by less
+    than that fraction of a step, while every value GELU passes on gets a finer grid. Asymmetric grids
+    only: a symmetric grid's step is set by ``max(|lo|, |hi|)``.
+    """
+    out, floors = dict(ranges), {}
+    for layer, consumer in pairs.items():
+        lo, hi = ranges[Point(layer, "output")]
+        clo, chi = ranges[Point(consumer, "input")]
+        floor = gelu_floor(fraction * (chi - clo) / (QMAX - QMIN))
+        if floor > lo:
+            out[Point(layer, "output")] = (floor, hi)
+            floors[layer] = round(floor, 4)
+    return out, floors
+
+
 class RangeUnion(dict[str, tuple[float, float]]):
     """Ranges wanted per observer or quantizer (by module target) when a backend sets chosen ranges: one
     shared by several points (e.g. a tensor that is one layer's output and the next one's input) takes the

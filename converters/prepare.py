@@ -13,6 +13,8 @@ the same share one result):
    the held-out images with the rounded weights; the backend stores them (LiteRT: its calibration
    values, by tensor). For symmetric schemes, the inputs of the layers ``center_inputs`` names are
    centred on their range's midpoint (`converters.centering`), within each candidate's measurement.
+   With ``gelu_floor`` (asymmetric schemes), each estimator is also measured with the GELU inputs'
+   ranges floored (`converters.act_quant.floor_gelu_inputs`).
 
 Statistics come from the first calibration images, choices are measured on the last ones
 (`converters.calibrate.HeldOut`); the backends calibrate on the statistics images only. Every choice
@@ -31,7 +33,8 @@ import torch
 
 from converters import rewrites
 from converters.centering import center_inputs, centerable, midpoints
-from converters.act_quant import ESTIMATORS, Observation, Point, Scheme, observe, simulated, static_points
+from converters.act_quant import (ESTIMATORS, Observation, Point, Scheme, floor_gelu_inputs, gelu_producers, observe,
+                                  simulated, static_points)
 from converters.calibrate import Choice, HeldOut, choose
 from converters.calibration import CalibrationStream
 from converters.quant_plan import QuantPlan
@@ -181,14 +184,20 @@ class Preparation:
             prepared.model, prepared.weight_rounding = self._rounded[key]
 
         estimators = tuple(recipe.options.get("activation_ranges", {}).get("estimators", ()))
+        floor = recipe.options.get("activation_ranges", {}).get("gelu_floor")
         center = _centered(recipe, plan, scheme)
         if estimators:
             if scheme is None or scheme.kind != "static":
                 raise EdgeConvNextError(f"{recipe.name}: activation range estimators apply to static schemes only")
+            if floor is not None and not 0 < float(floor) <= 1:
+                raise EdgeConvNextError(f"{recipe.name}: gelu_floor is a fraction of a quantization step in (0, 1]; got {floor!r}")
+            if floor is not None and scheme.symmetric:
+                raise EdgeConvNextError(f"{recipe.name}: gelu_floor is for asymmetric activation grids only (a symmetric "
+                                        "grid's step is set by the larger end of the range)")
             key = (passes, _alpha(prepared.smoothing), rounding and WeightQuantConfig(**dict(rounding)),
-                   plan.float_layers, scheme, estimators, center)
+                   plan.float_layers, scheme, estimators, center, floor)
             if key not in self._ranges:
-                self._ranges[key] = self._choose_ranges(prepared.model, plan, scheme, estimators, center)
+                self._ranges[key] = self._choose_ranges(prepared.model, plan, scheme, estimators, center, floor)
             prepared.activation_ranges, prepared.ranges_choice, prepared.model = self._ranges[key]
             centers = (prepared.ranges_choice.get("centered_inputs") or {}).get("centers")
             if centers:  # the same function and structure: layers made float again take their float weights and bias
@@ -245,9 +254,13 @@ class Preparation:
         return self._smoothed[key]
 
     def _choose_ranges(self, model: torch.nn.Module, plan: QuantPlan, scheme: Scheme, names: tuple[str, ...],
-                       center: tuple[str, ...] = ()) -> tuple[dict[Point, tuple[float, float]], dict[str, Any], torch.nn.Module]:
+                       center: tuple[str, ...] = (), gelu_floor: float | None = None
+                       ) -> tuple[dict[Point, tuple[float, float]], dict[str, Any], torch.nn.Module]:
         """(ranges, record, model): the chosen estimator's ranges for the model returned (``model`` itself, or
-        with ``center``'s inputs centred on those ranges' midpoints, its ranges shifted to match)."""
+        with ``center``'s inputs centred on those ranges' midpoints, its ranges shifted to match).
+
+        ``gelu_floor``: each estimator is a candidate twice, as it is and with its GELU inputs' ranges
+        floored at that fraction of a step (`floor_gelu_inputs`)."""
         data = self.held_out()
         unknown = [n for n in names if n not in ESTIMATORS]
         if unknown:
@@ -256,12 +269,21 @@ class Preparation:
         self.log(f"observing {2 * len(static)} activation points on {len(data.fit)} calibration images")
         obs = observe(model, static_points(static), data.fit)
         ranges = {n: _ranges(obs, ESTIMATORS[n]) for n in names}
-        centred = {n: _centre(model, ranges[n], center) for n in names}
-        self.log(f"choosing the activation range estimator among {list(names)}"
+        floors: dict[str, dict[str, float]] = {}
+        if gelu_floor is not None:
+            pairs = gelu_producers(model, static)
+            for n in names:
+                ranges[_floored(n)], floors[_floored(n)] = floor_gelu_inputs(ranges[n], pairs, gelu_floor)
+        centred = {n: _centre(model, r, center) for n, r in ranges.items()}
+        self.log(f"choosing the activation range estimator among {list(ranges)}"
                  + (f" ({len(center)} layer inputs centred)" if center else ""))
-        choice = choose({n: (lambda n=n: _simulated(centred[n][0], plan, scheme, data, centred[n][1])) for n in names},
+        choice = choose({n: (lambda n=n: _simulated(centred[n][0], plan, scheme, data, centred[n][1])) for n in ranges},
                         data, self.log)
         record = {"estimator": choice.chosen, "points": len(ranges[choice.chosen]), **choice.to_dict(), **data.to_dict()}
+        if choice.chosen in floors:
+            record["gelu_floor"] = {"fraction_of_step": gelu_floor, "floors": floors[choice.chosen],
+                                    "how": "the low end of each GELU input's range raised to where |GELU(x)| is that "
+                                           "fraction of the step of GELU's output grid (converters.act_quant.floor_gelu_inputs)"}
         chosen_model, chosen_ranges, centers = centred[choice.chosen]
         if centers:
             record["centered_inputs"] = {"centers": centers, "symmetric": scheme.symmetric,
@@ -295,6 +317,10 @@ def _centre(model: torch.nn.Module, ranges: dict[Point, tuple[float, float]], la
     shifted = {p: ((lo - centers[p.layer], hi - centers[p.layer]) if p.where == "input" and p.layer in centers
                    else (lo, hi)) for p, (lo, hi) in ranges.items()}
     return center_inputs(model, centers), shifted, centers
+
+
+def _floored(estimator: str) -> str:
+    return f"{estimator}, GELU floor"
 
 
 def _ranges(obs: dict[Point, Observation], estimator: Any) -> dict[Point, tuple[float, float]]:

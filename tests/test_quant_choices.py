@@ -17,6 +17,10 @@ from converters.act_quant import (  # noqa: E402
     Point,
     fake_quant,
     fake_quant_rows,
+    floor_gelu_inputs,
+    gelu,
+    gelu_floor,
+    gelu_producers,
     observe,
     qparams,
     simulate,
@@ -140,6 +144,63 @@ def test_the_static_simulation_quantizes_inputs_and_outputs_and_leaves_float_lay
         assert torch.equal(tiny_model(x), tiny_model(x))
 
 
+def test_gelu_floor_clamps_only_where_gelu_is_within_the_fraction_of_a_step(tiny_model, images):
+    """The pre-GELU range's low end is raised where |GELU| is a fraction of its output grid's step; simulated,
+    GELU's output then moves by less than that fraction of a step, and the other points keep their ranges."""
+    assert gelu(-0.7517916) == pytest.approx(-0.16997, abs=1e-5)
+    for limit in (1e-4, 3e-3, 0.05):
+        x = gelu_floor(limit)
+        assert x < -0.75 and abs(gelu(x)) == pytest.approx(limit, rel=1e-6)
+    assert gelu_floor(0.5) == pytest.approx(-0.7517916)  # deeper than GELU's minimum: no clamp below it matters
+
+    plan = QuantPlan.for_model(tiny_model, ["stages.*.dwconv.*", "classifier"])
+    pairs = gelu_producers(tiny_model, plan.quantized)
+    assert pairs and all(k.endswith(".pwconv1") and v == k.replace("pwconv1", "pwconv2") for k, v in pairs.items())
+    obs = observe(tiny_model, static_points(plan.quantized), images[:4])
+    ranges = {p: ESTIMATORS["minmax"].range(o) for p, o in obs.items()}
+    floored, floors = floor_gelu_inputs(ranges, pairs, 0.25)
+    assert set(floors) <= set(pairs) and floors
+    for p, r in ranges.items():
+        if p.where == "output" and p.layer in floors:
+            step = (ranges[Point(pairs[p.layer], "input")][1] - ranges[Point(pairs[p.layer], "input")][0]) / 255
+            assert floored[p] == (pytest.approx(floors[p.layer], abs=1e-4), r[1]) and floored[p][0] > r[0]
+            assert abs(gelu(floored[p][0])) == pytest.approx(0.25 * step, rel=1e-3)
+        else:
+            assert floored[p] == r
+    layer = next(iter(floors))
+    act = dict(tiny_model.named_modules())[layer.replace("pwconv1", "act")]
+    seen = {}
+    with torch.no_grad():
+        for key, rr in (("plain", ranges), ("floored", floored)):
+            with simulate(tiny_model, "static", plan.quantized, rr):
+                h = act.register_forward_hook(lambda m, i, o, key=key: seen.__setitem__(key, (i[0].clone(), o.clone())))
+                tiny_model(torch.from_numpy(images[0]))
+                h.remove()
+    (x0, y0), (x1, _) = seen["plain"], seen["floored"]
+    assert float(x1.min()) >= floored[Point(layer, "output")][0] - 1e-6 > float(x0.min())  # clamped at the floor
+    consumer = ranges[Point(pairs[layer], "input")]
+    clamp = (torch.nn.functional.gelu(x0.clamp_min(floored[Point(layer, "output")][0])) - y0).abs().max()
+    assert float(clamp) <= 0.25 * (consumer[1] - consumer[0]) / 255 + 1e-6  # GELU moved by < a quarter step
+
+
+def test_gelu_floor_is_refused_for_symmetric_grids_and_fractions_outside_a_step(tiny_weights, tiny_calibration):
+    from converters.prepare import Preparation
+    from edge_convnext.recipes import get_recipe
+
+    prep = Preparation(export_model(tiny_weights.model, tiny_weights.preprocessing).eval(), tiny_calibration, 8)
+    base = get_recipe("coreml-w8a8")
+    plain = {k: v for k, v in base.options.items() if k not in ("smoothing", "weight_rounding")}  # fail before any work
+    floored = {**plain, "activation_ranges": {"estimators": ("minmax",), "gelu_floor": 0.25}}
+    with pytest.raises(EdgeConvNextError, match="coreml-w8a8: gelu_floor is for asymmetric activation grids only"):
+        prep.prepare(dataclasses.replace(base, options=floored))
+    lite = get_recipe("tflite-int8")
+    assert lite.options["activation_ranges"]["gelu_floor"] == 0.25
+    bad = {k: v for k, v in lite.options.items() if k not in ("smoothing", "weight_rounding")}
+    bad["activation_ranges"] = {**bad["activation_ranges"], "gelu_floor": 2.0}
+    with pytest.raises(EdgeConvNextError, match=r"tflite-int8: gelu_floor is a fraction of a quantization step in \(0, 1\]"):
+        prep.prepare(dataclasses.replace(lite, options=bad))
+
+
 def test_held_out_images_are_disjoint_from_statistics_and_evaluation(tiny_model, tiny_calibration, subset):
     images = list(tiny_calibration(40))
     ids = list(tiny_calibration.used_ids)
@@ -170,7 +231,7 @@ def test_convert_records_every_choice_on_calibration_images_only(tmp_path, monke
     base = get_recipe("tflite-int8")
     recipe = dataclasses.replace(base, options={
         **base.options, "smoothing": {"alphas": [0.0, 0.5]},
-        "activation_ranges": {"estimators": ["minmax", "percentile 99.99"]},
+        "activation_ranges": {"estimators": ["minmax", "percentile 99.99"], "gelu_floor": 0.25},
         "float_layers": ("stages.*.dwconv.*", "classifier")})
     monkeypatch.setattr(build, "select_recipes", lambda spec: [recipe])
     convert_tiny(tmp_path, "tflite-int8", reference_images=8, parity_images=4, calibration_images=32)
@@ -187,6 +248,14 @@ def test_convert_records_every_choice_on_calibration_images_only(tmp_path, monke
     assert not set(low["weight_rounding"]["image_ids"]) & set(low["activation_ranges"]["held_out_ids"])
     assert {f["name"] for f in low["float_layers"]["float_layers"]} >= {"classifier"}
     assert low["quantization"]["calibration"]["tensors_ranged_on_torch_side"] == low["activation_ranges"]["points"]
+    # every estimator is measured as it is and with its GELU inputs floored; a floored choice lists its floors
+    assert set(low["activation_ranges"]["candidates"]) == {"minmax", "percentile 99.99", "minmax, GELU floor",
+                                                           "percentile 99.99, GELU floor"}
+    if low["activation_ranges"]["chosen"].endswith("GELU floor"):
+        floors = low["activation_ranges"]["gelu_floor"]["floors"]
+        assert floors and all(n.endswith(".pwconv1") and v < 0 for n, v in floors.items())
+    else:
+        assert "gelu_floor" not in low["activation_ranges"]
     assert m.parity["status"] == "measured"
 
 
