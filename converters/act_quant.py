@@ -170,8 +170,8 @@ def floor_gelu_inputs(ranges: Mapping[Point, tuple[float, float]], pairs: Mappin
     out, floors = dict(ranges), {}
     for layer, consumer in pairs.items():
         lo, hi = ranges[Point(layer, "output")]
-        clo, chi = ranges[Point(consumer, "input")]
-        floor = gelu_floor(fraction * (chi - clo) / (QMAX - QMIN))
+        step, _ = qparams(*ranges[Point(consumer, "input")])  # the grid GELU's output is quantized on
+        floor = gelu_floor(fraction * step)
         if floor > lo:
             out[Point(layer, "output")] = (floor, hi)
             floors[layer] = round(floor, 4)
