@@ -205,6 +205,9 @@ class Preparation:
         elif center:
             raise EdgeConvNextError(f"{recipe.name}: center_inputs needs activation range estimators (the centres are "
                                     "the chosen ranges' midpoints)")
+        elif floor is not None:
+            raise EdgeConvNextError(f"{recipe.name}: gelu_floor needs activation range estimators (each is measured "
+                                    "with and without the floor)")
 
         if layout:
             prepared.model, done = rewrites.apply(prepared.model, layout)

@@ -199,6 +199,9 @@ def test_gelu_floor_is_refused_for_symmetric_grids_and_fractions_outside_a_step(
     bad["activation_ranges"] = {**bad["activation_ranges"], "gelu_floor": 2.0}
     with pytest.raises(EdgeConvNextError, match=r"tflite-int8: gelu_floor is a fraction of a quantization step in \(0, 1\]"):
         prep.prepare(dataclasses.replace(lite, options=bad))
+    bad["activation_ranges"] = {"gelu_floor": 0.25}  # no estimators: nothing to floor, refused rather than ignored
+    with pytest.raises(EdgeConvNextError, match="tflite-int8: gelu_floor needs activation range estimators"):
+        prep.prepare(dataclasses.replace(lite, options=bad))
 
 
 def test_held_out_images_are_disjoint_from_statistics_and_evaluation(tiny_model, tiny_calibration, subset):
