@@ -14,29 +14,43 @@ the ``sub``, which quantizers leave alone (a tensor constant would get its own q
 Measured on synthetic ConvNeXt-T, the Core ML W8A8 scheme simulated on 64 held-out calibration images:
 symmetric min/max ranges 29.1 dB, symmetric percentile 99.999 ranges 31.0 dB, the same with the
 ``pwconv2`` inputs centred 32.4 dB (asymmetric ranges: 32.6 dB).
+
+A layer's output can be centred the other way (`center_outputs`): ``c`` taken off its bias, so it writes
+``y - c`` and its output quantizer sees a centred range, and a `Shift` by ``-c`` put in front of the
+consumer that needs ``y`` (GELU, for ``pwconv1``). That is what makes the GELU floor
+(`converters.act_quant.floor_gelu_inputs`) pay on a symmetric grid: a pre-GELU range floored to about
+[-2.9, 6] and centred takes the step of an asymmetric grid over it. Simulated as above, percentile 99.999
+with the ``pwconv2`` inputs centred: 32.41 dB; the pre-GELU ranges floored at a quarter step and centred
+32.86 dB (floored, not centred: 32.40; floored at a half step 32.78, a whole step 32.48).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 # Layers whose input can be centred, as (layer suffix, the sibling module that produces the input).
 _PRODUCERS = {"pwconv2": "act"}
+# Layers whose output can be centred, as (layer suffix, the sibling module that reads the output).
+_CONSUMERS = {"pwconv1": "act"}
 
 
 class Shift(nn.Module):
-    """``x - c`` for a constant ``c`` (any shape and layout in, the same out)."""
+    """``x - c`` for a constant ``c`` (any shape and layout in, the same out); ``c < 0`` (traced as
+    ``x + |c|``) restores a centred output (`center_outputs`)."""
 
     def __init__(self, c: float) -> None:
         super().__init__()
         self.c = float(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.c
+        # A restoring shift is traced as an add: quantizers tell the two apart by the op (see
+        # converters.backends.coreml_compress._unquantize).
+        return x + (-self.c) if self.c < 0 else x - self.c
 
     def extra_repr(self) -> str:
         return f"c={self.c:.6g}"
@@ -75,3 +89,40 @@ def center_inputs(model: nn.Module, centers: Mapping[str, float]) -> nn.Module:
         # W c: the weight summed over everything but the output channel (Linear [out, in], 1x1 conv [out, in, 1, 1]).
         layer.bias.add_(layer.weight.to(torch.float64).flatten(1).sum(1).mul(c).to(layer.bias.dtype))
     return out
+
+
+@torch.no_grad()
+def center_outputs(model: nn.Module, centers: Mapping[str, float]) -> nn.Module:
+    """A copy of ``model`` in which each named layer writes ``y - c`` (``c`` taken off its bias) and its
+    consumer reads ``y`` again through a `Shift` by ``-c`` in front of it.
+
+    ``model`` is not modified. `ValueError` for a layer whose output has no known consumer or that has no
+    bias to carry ``-c``.
+    """
+    out = copy.deepcopy(model)
+    modules = dict(out.named_modules())
+    for name, c in centers.items():
+        parent, _, leaf = name.rpartition(".")
+        if leaf not in _CONSUMERS or name not in modules:
+            raise ValueError(f"cannot centre the output of {name!r}: only {sorted(_CONSUMERS)} layers' outputs have a "
+                             "consumer to shift back in front of")
+        layer = modules[name]
+        if getattr(layer, "bias", None) is None:
+            raise ValueError(f"cannot centre the output of {name!r}: it has no bias to carry -c")
+        block = modules[parent] if parent else out
+        consumer = _CONSUMERS[leaf]
+        setattr(block, consumer, nn.Sequential(Shift(-c), getattr(block, consumer)))
+        layer.bias.sub_(c)
+    return out
+
+
+def recentred(model: torch.nn.Module, choice: Mapping[str, Any]) -> torch.nn.Module:
+    """``model`` with the centring a range choice recorded (``centered_inputs``, ``centered_outputs``: layer ->
+    c) applied; ``model`` itself when there is none."""
+    inputs = (choice.get("centered_inputs") or {}).get("centers") or {}
+    outputs = (choice.get("centered_outputs") or {}).get("centers") or {}
+    if inputs:
+        model = center_inputs(model, {str(k): float(v) for k, v in inputs.items()})
+    if outputs:
+        model = center_outputs(model, {str(k): float(v) for k, v in outputs.items()})
+    return model

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from converters import rewrites
-from converters.centering import center_inputs
+from converters.centering import recentred
 from converters.layer_artifacts import LayerSource, open_layers
 from converters.model import export_model
 from converters.quant_plan import QuantPlan, quantizable_layers
@@ -104,10 +104,12 @@ def rebuild_float_model(manifest: Manifest, samples: Sequence[Sample], source: s
                                 f"recorded {sm['pairs_migrated']}")
         record["smoothing"] = {"alpha": float(sm["alpha"]), "pairs": changed, "fit_images": len(images),
                                "how": "channel maxima recomputed on the recorded fit_ids, recorded strength"}
-    centred = ((low.get("activation_ranges") or {}).get("centered_inputs") or {}).get("centers")
-    if centred:  # the layers' inputs as the artifact's layers read them (`converters.centering`)
-        model = center_inputs(model, {str(k): float(v) for k, v in centred.items()})
-        record["centered_inputs"] = len(centred)
+    ranges = low.get("activation_ranges") or {}
+    # The layers' inputs and outputs as the artifact's layers read and write them (`converters.centering`).
+    model = recentred(model, ranges)
+    for key in ("centered_inputs", "centered_outputs"):
+        if (ranges.get(key) or {}).get("centers"):
+            record[key] = len(ranges[key]["centers"])
     if layout:
         model = rewrites.apply(model, layout)[0]
     return FloatModel(model.eval(), plan, record)

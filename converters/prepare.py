@@ -13,8 +13,9 @@ the same share one result):
    the held-out images with the rounded weights; the backend stores them (LiteRT: its calibration
    values, by tensor). For symmetric schemes, the inputs of the layers ``center_inputs`` names are
    centred on their range's midpoint (`converters.centering`), within each candidate's measurement.
-   With ``gelu_floor`` (asymmetric schemes), each estimator is also measured with the GELU inputs'
-   ranges floored (`converters.act_quant.floor_gelu_inputs`).
+   With ``gelu_floor``, each estimator is also measured with the GELU inputs' ranges floored
+   (`converters.act_quant.floor_gelu_inputs`); on a symmetric grid the floored ranges are also centred
+   (`converters.centering.center_outputs`), or the floor would not change the grid's step.
 
 Statistics come from the first calibration images, choices are measured on the last ones
 (`converters.calibrate.HeldOut`); the backends calibrate on the statistics images only. Every choice
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from converters import rewrites
-from converters.centering import center_inputs, centerable, midpoints
+from converters.centering import centerable, midpoints, recentred
 from converters.act_quant import (ESTIMATORS, Observation, Point, Scheme, floor_gelu_inputs, gelu_producers, observe,
                                   simulated, static_points)
 from converters.calibrate import Choice, HeldOut, choose
@@ -191,17 +192,13 @@ class Preparation:
                 raise EdgeConvNextError(f"{recipe.name}: activation range estimators apply to static schemes only")
             if floor is not None and not 0 < float(floor) <= 1:
                 raise EdgeConvNextError(f"{recipe.name}: gelu_floor is a fraction of a quantization step in (0, 1]; got {floor!r}")
-            if floor is not None and scheme.symmetric:
-                raise EdgeConvNextError(f"{recipe.name}: gelu_floor is for asymmetric activation grids only (a symmetric "
-                                        "grid's step is set by the larger end of the range)")
             key = (passes, _alpha(prepared.smoothing), rounding and WeightQuantConfig(**dict(rounding)),
                    plan.float_layers, scheme, estimators, center, floor)
             if key not in self._ranges:
                 self._ranges[key] = self._choose_ranges(prepared.model, plan, scheme, estimators, center, floor)
             prepared.activation_ranges, prepared.ranges_choice, prepared.model = self._ranges[key]
-            centers = (prepared.ranges_choice.get("centered_inputs") or {}).get("centers")
-            if centers:  # the same function and structure: layers made float again take their float weights and bias
-                prepared.float_model = center_inputs(prepared.float_model, centers)
+            # The same function and structure: layers made float again take their float weights and biases.
+            prepared.float_model = recentred(prepared.float_model, prepared.ranges_choice)
         elif center:
             raise EdgeConvNextError(f"{recipe.name}: center_inputs needs activation range estimators (the centres are "
                                     "the chosen ranges' midpoints)")
@@ -263,7 +260,8 @@ class Preparation:
         with ``center``'s inputs centred on those ranges' midpoints, its ranges shifted to match).
 
         ``gelu_floor``: each estimator is a candidate twice, as it is and with its GELU inputs' ranges
-        floored at that fraction of a step (`floor_gelu_inputs`)."""
+        floored at that fraction of a step (`floor_gelu_inputs`); for a symmetric ``scheme`` the floored
+        ranges are centred too (`center_outputs` of their layers)."""
         data = self.held_out()
         unknown = [n for n in names if n not in ESTIMATORS]
         if unknown:
@@ -277,9 +275,13 @@ class Preparation:
             pairs = gelu_producers(model, static)
             for n in names:
                 ranges[_floored(n)], floors[_floored(n)] = floor_gelu_inputs(ranges[n], pairs, gelu_floor)
-        centred = {n: _centre(model, r, center) for n, r in ranges.items()}
+        # A symmetric grid's step is set by the larger end of a range: a floor pays only centred.
+        outputs = {n: tuple(floors[n]) if scheme.symmetric and n in floors else () for n in ranges}
+        centred = {n: _centre(model, r, center, outputs[n]) for n, r in ranges.items()}
+        centred_outputs = max(map(len, outputs.values()), default=0)
         self.log(f"choosing the activation range estimator among {list(ranges)}"
-                 + (f" ({len(center)} layer inputs centred)" if center else ""))
+                 + (f" ({len(center)} layer inputs centred)" if center else "")
+                 + (f" (the floored candidates' {centred_outputs} GELU inputs centred)" if centred_outputs else ""))
         choice = choose({n: (lambda n=n: _simulated(centred[n][0], plan, scheme, data, centred[n][1])) for n in ranges},
                         data, self.log)
         record = {"estimator": choice.chosen, "points": len(ranges[choice.chosen]), **choice.to_dict(), **data.to_dict()}
@@ -287,11 +289,16 @@ class Preparation:
             record["gelu_floor"] = {"fraction_of_step": gelu_floor, "floors": floors[choice.chosen],
                                     "how": "the low end of each GELU input's range raised to where |GELU(x)| is that "
                                            "fraction of the step of GELU's output grid (converters.act_quant.floor_gelu_inputs)"}
-        chosen_model, chosen_ranges, centers = centred[choice.chosen]
+        chosen_model, chosen_ranges, centers, out_centers = centred[choice.chosen]
         if centers:
             record["centered_inputs"] = {"centers": centers, "symmetric": scheme.symmetric,
                                          "how": "input shifted by -c after its producer, W c added to the bias "
                                                 "(converters.centering); c: the midpoint of the chosen range"}
+        if out_centers:
+            record["centered_outputs"] = {"centers": out_centers, "symmetric": scheme.symmetric,
+                                          "how": "c taken off the layer's bias, its consumer (GELU) reads the output "
+                                                 "shifted back by +c (converters.centering.center_outputs); c: the "
+                                                 "midpoint of the chosen (floored) range"}
         self.log(f"activation ranges: {choice.chosen}")
         return chosen_ranges, record, chosen_model
 
@@ -311,15 +318,18 @@ def _centered(recipe: Recipe, plan: QuantPlan, scheme: Scheme | None) -> tuple[s
     return names
 
 
-def _centre(model: torch.nn.Module, ranges: dict[Point, tuple[float, float]], layers: tuple[str, ...]
-            ) -> tuple[torch.nn.Module, dict[Point, tuple[float, float]], dict[str, float]]:
-    """``model`` with ``layers``' inputs centred on their ranges' midpoints, the ranges shifted to match, the centres."""
-    if not layers:
-        return model, ranges, {}
-    centers = midpoints({n: ranges[Point(n, "input")] for n in layers})
-    shifted = {p: ((lo - centers[p.layer], hi - centers[p.layer]) if p.where == "input" and p.layer in centers
-                   else (lo, hi)) for p, (lo, hi) in ranges.items()}
-    return center_inputs(model, centers), shifted, centers
+def _centre(model: torch.nn.Module, ranges: dict[Point, tuple[float, float]], inputs: tuple[str, ...],
+            outputs: tuple[str, ...] = ()
+            ) -> tuple[torch.nn.Module, dict[Point, tuple[float, float]], dict[str, float], dict[str, float]]:
+    """``model`` with ``inputs``' inputs and ``outputs``' outputs centred on their ranges' midpoints, the ranges
+    shifted to match -> (model, ranges, input centres, output centres)."""
+    centers = midpoints({n: ranges[Point(n, "input")] for n in inputs})
+    out_centers = midpoints({n: ranges[Point(n, "output")] for n in outputs})
+    by_point = {**{Point(n, "input"): c for n, c in centers.items()},
+                **{Point(n, "output"): c for n, c in out_centers.items()}}
+    shifted = {p: (lo - by_point.get(p, 0.0), hi - by_point.get(p, 0.0)) for p, (lo, hi) in ranges.items()}
+    return recentred(model, {"centered_inputs": {"centers": centers}, "centered_outputs": {"centers": out_centers}}), \
+        shifted, centers, out_centers
 
 
 def _floored(estimator: str) -> str:

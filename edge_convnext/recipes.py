@@ -110,11 +110,13 @@ _EDGE_FLOAT = (_STEM, "stages.*.downsampling_layer.1", "classifier")
 # and, for LiteRT's static activations, the range estimator.
 _MIGRATION = {"smoothing": {"alphas": (0.0, 0.25, 0.5, 0.75)}}
 _RANGES = {"activation_ranges": {"estimators": ("minmax", "percentile 99.999", "percentile 99.99", "mse")}}
-# Asymmetric grids (LiteRT, ExecuTorch): each estimator also measured with the pre-GELU ranges' low end raised
-# to where |GELU| is a quarter of its output grid's step (converters.act_quant.floor_gelu_inputs). Simulated
-# static int8 on 64 held-out calibration images, percentile 99.999: 32.70 dB as it is, floored at a half step
-# 32.86, a quarter 33.03, at x = -2 / -2.5 / -3 / -3.5 / -4: 30.29 / 32.49 / 32.99 / 32.90 / 32.87 dB.
-_RANGES_ASYMMETRIC = {"activation_ranges": {**_RANGES["activation_ranges"], "gelu_floor": 0.25}}
+# Each estimator also measured with the pre-GELU ranges' low end raised to where |GELU| is a quarter of its
+# output grid's step (converters.act_quant.floor_gelu_inputs); on symmetric grids (Core ML) the floored ranges
+# are centred too (converters.centering.center_outputs). Simulated on 64 held-out calibration images,
+# percentile 99.999: static int8 32.70 dB as it is, floored at a half step 32.86, a quarter 33.03, at
+# x = -2 / -2.5 / -3 / -3.5 / -4: 30.29 / 32.49 / 32.99 / 32.90 / 32.87 dB; Core ML's symmetric W8A8 32.41,
+# floored at a quarter / half / whole step and centred 32.86 / 32.78 / 32.48 (floored only: 32.40).
+_RANGES_FLOORED = {"activation_ranges": {**_RANGES["activation_ranges"], "gelu_floor": 0.25}}
 _INT8_ACT = {**_INT8_WEIGHTS, **_MIGRATION, "rewrites": ("fold_layer_scale", *_SPLIT),
              "float_layers": _DW_FLOAT + _EDGE_FLOAT}
 # ExecuTorch: NCHW blocks end to end (converters.rewrites.channels_first), so XNNPACK keeps the graph NHWC.
@@ -141,8 +143,9 @@ RECIPES: tuple[Recipe, ...] = (
                     "backend_choices": ("storage",)}),
     Recipe("coreml-w8a8", _C, "w8a8", "8-bit weights and activations, calibrated (torch-side quantizer)",
            calibrated=True, options={"compute_precision": "fp16", "weights": "int8", "activations": "int8",
-                                     **_INT8_WEIGHTS, **_MIGRATION, **_RANGES, "rewrites": ("fold_layer_scale",),
-                                     # Symmetric activations: the GELU outputs are centred (converters.centering).
+                                     **_INT8_WEIGHTS, **_MIGRATION, **_RANGES_FLOORED, "rewrites": ("fold_layer_scale",),
+                                     # Symmetric activations: the GELU outputs are centred (converters.centering),
+                                     # and so are the floored GELU inputs.
                                      "center_inputs": ("stages.*.pwconv2",),
                                      "float_layers": ("stages.*.dwconv", *_EDGE_FLOAT),
                                      "activation_scope": "no_residual_add",
@@ -152,7 +155,7 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("tflite-dynamic-int8", _T, "dynamic-int8", "dynamic-range int8: int8 weights, activations quantized on the fly",
            options=_INT8_ACT),
     Recipe("tflite-int8", _T, "int8", "static int8 weights and activations, calibrated; float input/output",
-           calibrated=True, options={**_INT8_ACT, **_RANGES_ASYMMETRIC, "int8_scope": "compute"}),
+           calibrated=True, options={**_INT8_ACT, **_RANGES_FLOORED, "int8_scope": "compute"}),
     # Split depthwise here too, in int8: 8x faster in LiteRT (411 -> 51 ms in one loaded run; the int8 7x7 is
     # XNNPACK's slow path) at the same fidelity (parity 17.2 -> 17.0 dB, 16 images 17.3 -> 17.1 dB).
     # The LayerNorm affines go into the next layers (`fold_norm_affine`): two int8 ops fewer per LayerNorm.
@@ -179,7 +182,7 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("executorch-xnnpack-fp32", _E, "fp32", "XNNPACK delegate, float32", parity_max_abs=_FP32_BOUND,
            options={**_ET, "rewrites": (*_SPLIT, "channels_first")}),
     Recipe("executorch-xnnpack-int8", _E, "int8", "PT2E static per-channel int8, calibrated, XNNPACK delegate",
-           calibrated=True, options={**_ET, **_INT8_ACT, **_RANGES_ASYMMETRIC, "rewrites": _ET_REWRITES,
+           calibrated=True, options={**_ET, **_INT8_ACT, **_RANGES_FLOORED, "rewrites": _ET_REWRITES,
                                        "int8_scope": "compute"}),
     # Without channels_first: ExecuTorch 1.5.1 lowers dynamically quantized linears to XNNPACK but fails on
     # dynamically quantized convs, 1x1 ones included ("Invalid size of per channel quantization scales").

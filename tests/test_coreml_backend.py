@@ -437,6 +437,38 @@ def test_w8a8_quantizes_a_centred_input_once_on_the_chosen_ranges(tiny_weights, 
             assert scale(quantized[k]) == pytest.approx(max(abs(lo), abs(hi)) / 127.5, rel=1e-5), k
 
 
+def test_w8a8_quantizes_a_centred_output_before_its_shift_back(tiny_weights, tiny_calibration):
+    """A centred ``pwconv1`` output (`center_outputs`: the floored pre-GELU range) is quantized once, by the
+    layer's own quantizer on its centred range; GELU reads it shifted back in float, with no quantizer between."""
+    import torch
+
+    from converters import rewrites
+    from converters.act_quant import Point, observe, static_points
+    from converters.centering import center_inputs, center_outputs
+    from converters.model import export_model
+
+    model = rewrites.apply(export_model(tiny_weights.model, tiny_weights.preprocessing).eval(), ["fold_layer_scale"])[0]
+    images = list(tiny_calibration(4))
+    pw1 = [n for n, _ in model.named_modules() if n.endswith("pwconv1")]
+    pw2 = [n.replace("pwconv1", "pwconv2") for n in pw1]
+    centred = center_outputs(center_inputs(model, {n: 1.0 for n in pw2}), {n: 0.75 for n in pw1})
+    obs = observe(centred, static_points(pw1), images)
+    ranges = {p: (o.lo * 0.5, o.hi * 0.5) for p, o in obs.items()}
+    q = cc.quantize_w8a8(centred, torch.from_numpy(images[0]), images, scope="all", ranges=ranges)
+    nodes = list(q.model.graph.nodes)
+    gelus = [n for n in nodes if n.op == "call_function" and str(n.name).startswith("gelu")]
+    assert len(gelus) == len(pw1)
+    for gelu, name in zip(gelus, pw1):
+        add = gelu.args[0]  # GELU reads the shift back ...
+        assert add.op == "call_function" and str(add.name).startswith("add") and add.args[1] == 0.75, add
+        deq = add.args[0]  # ... of the dequantized output of the layer's own quantizer
+        assert str(deq.name).startswith("dequantize"), deq
+        quant = deq.args[0]
+        assert "quantize_per_tensor" in str(quant.target) and quant.args[0].target == name
+        lo, hi = ranges[Point(name, "output")]
+        assert float(getattr(q.model, str(quant.args[1].target))) == pytest.approx(max(abs(lo), abs(hi)) / 127.5, rel=1e-5)
+
+
 def test_w8a8_float_layers_read_and_write_float_activations(tiny_weights, tiny_calibration):
     """A float layer gets no quantizer of its own, and the ones the tool puts around it for GELU, the permute
     and DropPath go too: with the first block's layers float, nothing in it is rounded to 8 bits."""

@@ -183,19 +183,54 @@ def test_gelu_floor_clamps_only_where_gelu_is_within_the_fraction_of_a_step(tiny
     assert float(clamp) <= 0.25 * (consumer[1] - consumer[0]) / 255 + 1e-6  # GELU moved by < a quarter step
 
 
-def test_gelu_floor_is_refused_for_symmetric_grids_and_fractions_outside_a_step(tiny_weights, tiny_calibration):
+def test_gelu_floor_on_a_symmetric_grid_centres_the_floored_ranges(tiny_weights, tiny_calibration, monkeypatch):
+    """Core ML's symmetric W8A8: the floored candidate's pre-GELU outputs are centred (a floor alone would not
+    change a symmetric grid's step), recorded, float-equal, and the float model takes the same centring."""
+    from converters import prepare as prep_mod
+    from converters.calibrate import Choice
+    from converters.centering import Shift
+    from edge_convnext.recipes import get_recipe
+
+    real = prep_mod.choose
+    asked = []
+
+    def floored_wins(candidates, data, log=lambda s: None):  # the choice itself is tested elsewhere
+        got = real(candidates, data, log)
+        asked.append(sorted(got.measured))
+        return Choice("minmax, GELU floor", got.measured) if "minmax, GELU floor" in got.measured else got
+
+    monkeypatch.setattr(prep_mod, "choose", floored_wins)
+    model = export_model(tiny_weights.model, tiny_weights.preprocessing).eval()
+    prep = prep_mod.Preparation(model, tiny_calibration, 8)
+    base = get_recipe("coreml-w8a8")
+    assert base.options["activation_ranges"]["gelu_floor"] == 0.25
+    plain = {k: v for k, v in base.options.items() if k not in ("smoothing", "weight_rounding")}
+    p = prep.prepare(dataclasses.replace(base, options={
+        **plain, "activation_ranges": {"estimators": ("minmax",), "gelu_floor": 0.25}}))
+    assert asked == [["minmax", "minmax, GELU floor"]]
+    rec = p.ranges_choice
+    floors, outs, ins = rec["gelu_floor"]["floors"], rec["centered_outputs"]["centers"], rec["centered_inputs"]["centers"]
+    assert floors and set(outs) == set(floors) and all(k.endswith("pwconv1") for k in outs)
+    assert set(ins) == {k.replace("pwconv1", "pwconv2") for k in outs}
+    for layer, c in outs.items():
+        lo, hi = p.activation_ranges[Point(layer, "output")]
+        assert lo == pytest.approx(-hi) and lo + c == pytest.approx(floors[layer], abs=1e-4)  # centred floored range
+    shifts = [m.c for m in p.model.modules() if isinstance(m, Shift)]
+    assert sorted(shifts) == sorted([-c for c in outs.values()] + list(ins.values()))
+    assert sum(isinstance(m, Shift) for m in p.float_model.modules()) == len(shifts)
+    x = torch.from_numpy(next(iter(tiny_calibration(1))))
+    with torch.no_grad():
+        assert (p.float_model(x) - model(x)).abs().max().item() <= 1e-5  # exact in float
+
+
+def test_gelu_floor_is_refused_for_fractions_outside_a_step_and_without_estimators(tiny_weights, tiny_calibration):
     from converters.prepare import Preparation
     from edge_convnext.recipes import get_recipe
 
     prep = Preparation(export_model(tiny_weights.model, tiny_weights.preprocessing).eval(), tiny_calibration, 8)
-    base = get_recipe("coreml-w8a8")
-    plain = {k: v for k, v in base.options.items() if k not in ("smoothing", "weight_rounding")}  # fail before any work
-    floored = {**plain, "activation_ranges": {"estimators": ("minmax",), "gelu_floor": 0.25}}
-    with pytest.raises(EdgeConvNextError, match="coreml-w8a8: gelu_floor is for asymmetric activation grids only"):
-        prep.prepare(dataclasses.replace(base, options=floored))
     lite = get_recipe("tflite-int8")
     assert lite.options["activation_ranges"]["gelu_floor"] == 0.25
-    bad = {k: v for k, v in lite.options.items() if k not in ("smoothing", "weight_rounding")}
+    bad = {k: v for k, v in lite.options.items() if k not in ("smoothing", "weight_rounding")}  # fail before any work
     bad["activation_ranges"] = {**bad["activation_ranges"], "gelu_floor": 2.0}
     with pytest.raises(EdgeConvNextError, match=r"tflite-int8: gelu_floor is a fraction of a quantization step in \(0, 1\]"):
         prep.prepare(dataclasses.replace(lite, options=bad))

@@ -149,6 +149,30 @@ def test_centring_refuses_a_layer_without_a_producer_to_shift(model_and_images):
         center_inputs(model, {name: 1.0})
 
 
+def test_centring_outputs_is_float_equal_and_shifts_what_the_layer_writes(model_and_images):
+    """`converters.centering.center_outputs`: the layer writes ``y - c``, its consumer reads ``y`` again."""
+    from converters.centering import Shift, center_outputs
+
+    model, x = model_and_images
+    names = [n for n, _ in model.named_modules() if n.endswith("pwconv1")]
+    centers = {n: 0.5 + i for i, n in enumerate(names)}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    centred = center_outputs(model, centers)
+    written: dict[str, torch.Tensor] = {}
+    for which, m in (("float", model), ("centred", centred)):
+        h = dict(m.named_modules())[names[0]].register_forward_hook(
+            lambda mod, inp, out, which=which: written.__setitem__(which, out.detach()))
+        with torch.no_grad():
+            written[which + " logits"] = m(x)
+        h.remove()
+    assert (written["centred logits"] - written["float logits"]).abs().max().item() <= 1e-4
+    assert torch.allclose(written["centred"], written["float"] - centers[names[0]], atol=1e-5)
+    assert sorted(m.c for m in centred.modules() if isinstance(m, Shift)) == sorted(-c for c in centers.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input model is untouched
+    with pytest.raises(ValueError, match="pwconv2"):
+        center_outputs(model, {names[0].replace("pwconv1", "pwconv2"): 1.0})
+
+
 def test_fold_norm_affine_moves_every_paired_affine_and_keeps_the_stems(model_and_images):
     from converters.smoothing import norm_pairs
 
