@@ -16,7 +16,7 @@ symmetric min/max ranges 29.1 dB, symmetric percentile 99.999 ranges 31.0 dB, th
 ``pwconv2`` inputs centred 32.4 dB (asymmetric ranges: 32.6 dB).
 
 A layer's output can be centred the other way (`center_outputs`): ``c`` taken off its bias, so it writes
-``y - c`` and its output quantizer sees a centred range, and a `Shift` by ``-c`` put in front of the
+``y - c`` and its output quantizer sees a centred range, and a `Restore` of ``c`` put in front of the
 consumer that needs ``y`` (GELU, for ``pwconv1``). That is what makes the GELU floor
 (`converters.act_quant.floor_gelu_inputs`) pay on a symmetric grid: a pre-GELU range floored to about
 [-2.9, 6] and centred takes the step of an asymmetric grid over it. Simulated as above, percentile 99.999
@@ -40,17 +40,33 @@ _CONSUMERS = {"pwconv1": "act"}
 
 
 class Shift(nn.Module):
-    """``x - c`` for a constant ``c`` (any shape and layout in, the same out); ``c < 0`` (traced as
-    ``x + |c|``) restores a centred output (`center_outputs`)."""
+    """``x - c`` for a constant ``c`` (any shape and layout in, the same out): centres a layer's input."""
 
     def __init__(self, c: float) -> None:
         super().__init__()
         self.c = float(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A restoring shift is traced as an add: quantizers tell the two apart by the op (see
-        # converters.backends.coreml_compress._unquantize).
-        return x + (-self.c) if self.c < 0 else x - self.c
+        return x - self.c
+
+    def extra_repr(self) -> str:
+        return f"c={self.c:.6g}"
+
+
+class Restore(nn.Module):
+    """``x + c`` for a constant ``c`` (any shape and layout in, the same out): gives a centred output its ``c``
+    back in front of the consumer that needs the real values (`center_outputs`).
+
+    Traced as an ``add`` of a float literal whatever the sign of ``c``, where a `Shift` is a ``sub``: the
+    Core ML quantizer keeps the rounding before a `Restore` and drops the one before a `Shift`
+    (`converters.backends.coreml_compress._unquantize`)."""
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = float(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.c
 
     def extra_repr(self) -> str:
         return f"c={self.c:.6g}"
@@ -94,7 +110,7 @@ def center_inputs(model: nn.Module, centers: Mapping[str, float]) -> nn.Module:
 @torch.no_grad()
 def center_outputs(model: nn.Module, centers: Mapping[str, float]) -> nn.Module:
     """A copy of ``model`` in which each named layer writes ``y - c`` (``c`` taken off its bias) and its
-    consumer reads ``y`` again through a `Shift` by ``-c`` in front of it.
+    consumer reads ``y`` again through a `Restore` of ``c`` in front of it.
 
     ``model`` is not modified. `ValueError` for a layer whose output has no known consumer or that has no
     bias to carry ``-c``.
@@ -111,7 +127,7 @@ def center_outputs(model: nn.Module, centers: Mapping[str, float]) -> nn.Module:
             raise ValueError(f"cannot centre the output of {name!r}: it has no bias to carry -c")
         block = modules[parent] if parent else out
         consumer = _CONSUMERS[leaf]
-        setattr(block, consumer, nn.Sequential(Shift(-c), getattr(block, consumer)))
+        setattr(block, consumer, nn.Sequential(Restore(c), getattr(block, consumer)))
         layer.bias.sub_(c)
     return out
 

@@ -451,7 +451,8 @@ def test_w8a8_quantizes_a_centred_output_before_its_shift_back(tiny_weights, tin
     images = list(tiny_calibration(4))
     pw1 = [n for n, _ in model.named_modules() if n.endswith("pwconv1")]
     pw2 = [n.replace("pwconv1", "pwconv2") for n in pw1]
-    centred = center_outputs(center_inputs(model, {n: 1.0 for n in pw2}), {n: 0.75 for n in pw1})
+    # A negative centre: the restore is still an add, and the rounding before it stays.
+    centred = center_outputs(center_inputs(model, {n: 1.0 for n in pw2}), {n: -0.75 for n in pw1})
     obs = observe(centred, static_points(pw1), images)
     ranges = {p: (o.lo * 0.5, o.hi * 0.5) for p, o in obs.items()}
     q = cc.quantize_w8a8(centred, torch.from_numpy(images[0]), images, scope="all", ranges=ranges)
@@ -460,7 +461,7 @@ def test_w8a8_quantizes_a_centred_output_before_its_shift_back(tiny_weights, tin
     assert len(gelus) == len(pw1)
     for gelu, name in zip(gelus, pw1):
         add = gelu.args[0]  # GELU reads the shift back ...
-        assert add.op == "call_function" and str(add.name).startswith("add") and add.args[1] == 0.75, add
+        assert add.op == "call_function" and str(add.name).startswith("add") and add.args[1] == -0.75, add
         deq = add.args[0]  # ... of the dequantized output of the layer's own quantizer
         assert str(deq.name).startswith("dequantize"), deq
         quant = deq.args[0]

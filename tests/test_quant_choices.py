@@ -188,7 +188,7 @@ def test_gelu_floor_on_a_symmetric_grid_centres_the_floored_ranges(tiny_weights,
     change a symmetric grid's step), recorded, float-equal, and the float model takes the same centring."""
     from converters import prepare as prep_mod
     from converters.calibrate import Choice
-    from converters.centering import Shift
+    from converters.centering import Restore, Shift
     from edge_convnext.recipes import get_recipe
 
     real = prep_mod.choose
@@ -215,9 +215,10 @@ def test_gelu_floor_on_a_symmetric_grid_centres_the_floored_ranges(tiny_weights,
     for layer, c in outs.items():
         lo, hi = p.activation_ranges[Point(layer, "output")]
         assert lo == pytest.approx(-hi) and lo + c == pytest.approx(floors[layer], abs=1e-4)  # centred floored range
-    shifts = [m.c for m in p.model.modules() if isinstance(m, Shift)]
-    assert sorted(shifts) == sorted([-c for c in outs.values()] + list(ins.values()))
-    assert sum(isinstance(m, Shift) for m in p.float_model.modules()) == len(shifts)
+    shifts = sorted(m.c for m in p.model.modules() if isinstance(m, Shift))
+    restores = sorted(m.c for m in p.model.modules() if isinstance(m, Restore))
+    assert shifts == sorted(ins.values()) and restores == sorted(outs.values())
+    assert sorted(m.c for m in p.float_model.modules() if isinstance(m, (Shift, Restore))) == sorted(shifts + restores)
     x = torch.from_numpy(next(iter(tiny_calibration(1))))
     with torch.no_grad():
         assert (p.float_model(x) - model(x)).abs().max().item() <= 1e-5  # exact in float

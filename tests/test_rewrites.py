@@ -151,11 +151,11 @@ def test_centring_refuses_a_layer_without_a_producer_to_shift(model_and_images):
 
 def test_centring_outputs_is_float_equal_and_shifts_what_the_layer_writes(model_and_images):
     """`converters.centering.center_outputs`: the layer writes ``y - c``, its consumer reads ``y`` again."""
-    from converters.centering import Shift, center_outputs
+    from converters.centering import Restore, center_outputs
 
     model, x = model_and_images
     names = [n for n, _ in model.named_modules() if n.endswith("pwconv1")]
-    centers = {n: 0.5 + i for i, n in enumerate(names)}
+    centers = {n: 0.5 - i for i, n in enumerate(names)}  # negative centres too: the op stays an add
     before = {k: v.clone() for k, v in model.state_dict().items()}
     centred = center_outputs(model, centers)
     written: dict[str, torch.Tensor] = {}
@@ -167,7 +167,7 @@ def test_centring_outputs_is_float_equal_and_shifts_what_the_layer_writes(model_
         h.remove()
     assert (written["centred logits"] - written["float logits"]).abs().max().item() <= 1e-4
     assert torch.allclose(written["centred"], written["float"] - centers[names[0]], atol=1e-5)
-    assert sorted(m.c for m in centred.modules() if isinstance(m, Shift)) == sorted(-c for c in centers.values())
+    assert sorted(m.c for m in centred.modules() if isinstance(m, Restore)) == sorted(centers.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input model is untouched
     with pytest.raises(ValueError, match="pwconv2"):
         center_outputs(model, {names[0].replace("pwconv1", "pwconv2"): 1.0})

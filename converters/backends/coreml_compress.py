@@ -414,7 +414,8 @@ def _unquantize(gm: torch.fx.GraphModule, float_layers: set[str]) -> int:
     """Remove the fake quantizers that must not round (returns how many were removed):
 
     * the one in front of every `Shift` (traced as ``x - <float literal>``, GELU's output): the layer after
-      the shift reads the centred grid, and nothing rounds on the uncentred one first;
+      the shift reads the centred grid, and nothing rounds on the uncentred one first. A `Restore` (traced
+      as ``x + <float literal>``, in front of GELU) keeps the one before it: that is the layer's centred output;
     * those on the inputs (when only float layers read them) and outputs of ``float_layers``: their own
       config is None, but the tool still quantizes what GELU, the permutes and DropPath around them read.
     """
