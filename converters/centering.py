@@ -39,21 +39,25 @@ _PRODUCERS = {"pwconv2": "act"}
 _CONSUMERS = {"pwconv1": "act"}
 
 
-class Shift(nn.Module):
-    """``x - c`` for a constant ``c`` (any shape and layout in, the same out): centres a layer's input."""
+class _Constant(nn.Module):
+    """A module holding a Python float ``c``: a traced graph carries it as a literal, not a tensor constant."""
 
     def __init__(self, c: float) -> None:
         super().__init__()
         self.c = float(c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.c
-
     def extra_repr(self) -> str:
         return f"c={self.c:.6g}"
 
 
-class Restore(nn.Module):
+class Shift(_Constant):
+    """``x - c`` for a constant ``c`` (any shape and layout in, the same out): centres a layer's input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.c
+
+
+class Restore(_Constant):
     """``x + c`` for a constant ``c`` (any shape and layout in, the same out): gives a centred output its ``c``
     back in front of the consumer that needs the real values (`center_outputs`).
 
@@ -61,15 +65,8 @@ class Restore(nn.Module):
     Core ML quantizer keeps the rounding before a `Restore` and drops the one before a `Shift`
     (`converters.backends.coreml_compress._unquantize`)."""
 
-    def __init__(self, c: float) -> None:
-        super().__init__()
-        self.c = float(c)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.c
-
-    def extra_repr(self) -> str:
-        return f"c={self.c:.6g}"
 
 
 def centerable(name: str) -> bool:
@@ -89,22 +86,7 @@ def center_inputs(model: nn.Module, centers: Mapping[str, float]) -> nn.Module:
     ``model`` is not modified. `ValueError` for a layer whose input has no known producer or that has
     no bias to carry ``W c``.
     """
-    out = copy.deepcopy(model)
-    modules = dict(out.named_modules())
-    for name, c in centers.items():
-        parent, _, leaf = name.rpartition(".")
-        if leaf not in _PRODUCERS or name not in modules:
-            raise ValueError(f"cannot centre the input of {name!r}: only {sorted(_PRODUCERS)} layers' inputs have a "
-                             "producer to shift")
-        layer = modules[name]
-        if getattr(layer, "bias", None) is None:
-            raise ValueError(f"cannot centre the input of {name!r}: it has no bias to carry W c")
-        block = modules[parent] if parent else out
-        producer = _PRODUCERS[leaf]
-        setattr(block, producer, nn.Sequential(getattr(block, producer), Shift(c)))
-        # W c: the weight summed over everything but the output channel (Linear [out, in], 1x1 conv [out, in, 1, 1]).
-        layer.bias.add_(layer.weight.to(torch.float64).flatten(1).sum(1).mul(c).to(layer.bias.dtype))
-    return out
+    return centred(model, inputs=centers)
 
 
 @torch.no_grad()
@@ -115,30 +97,48 @@ def center_outputs(model: nn.Module, centers: Mapping[str, float]) -> nn.Module:
     ``model`` is not modified. `ValueError` for a layer whose output has no known consumer or that has no
     bias to carry ``-c``.
     """
+    return centred(model, outputs=centers)
+
+
+@torch.no_grad()
+def centred(model: nn.Module, inputs: Mapping[str, float] | None = None,
+            outputs: Mapping[str, float] | None = None) -> nn.Module:
+    """A copy of ``model`` with ``inputs``' layers' inputs (`center_inputs`) and ``outputs``' layers' outputs
+    (`center_outputs`) centred (layer name -> c); ``model`` itself when both are empty."""
+    if not inputs and not outputs:
+        return model
     out = copy.deepcopy(model)
-    modules = dict(out.named_modules())
-    for name, c in centers.items():
-        parent, _, leaf = name.rpartition(".")
-        if leaf not in _CONSUMERS or name not in modules:
-            raise ValueError(f"cannot centre the output of {name!r}: only {sorted(_CONSUMERS)} layers' outputs have a "
-                             "consumer to shift back in front of")
-        layer = modules[name]
-        if getattr(layer, "bias", None) is None:
-            raise ValueError(f"cannot centre the output of {name!r}: it has no bias to carry -c")
-        block = modules[parent] if parent else out
-        consumer = _CONSUMERS[leaf]
+    for layer, block, producer, c in _sites(out, inputs or {}, _PRODUCERS, "input", "producer to shift", "W c"):
+        setattr(block, producer, nn.Sequential(getattr(block, producer), Shift(c)))
+        # W c: the weight summed over everything but the output channel (Linear [out, in], 1x1 conv [out, in, 1, 1]).
+        layer.bias.add_(layer.weight.to(torch.float64).flatten(1).sum(1).mul(c).to(layer.bias.dtype))
+    for layer, block, consumer, c in _sites(out, outputs or {}, _CONSUMERS, "output",
+                                            "consumer to shift back in front of", "-c"):
         setattr(block, consumer, nn.Sequential(Restore(c), getattr(block, consumer)))
         layer.bias.sub_(c)
     return out
 
 
+def _sites(model: nn.Module, centers: Mapping[str, float], siblings: Mapping[str, str], what: str, sibling: str,
+           carried: str) -> list[tuple[nn.Module, nn.Module, str, float]]:
+    """(layer, its parent block, the sibling module's attribute, c) for each layer named in ``centers``, all checked
+    before any is edited: a known ``siblings`` suffix and a bias to carry the shift."""
+    modules = dict(model.named_modules())
+    sites = []
+    for name, c in centers.items():
+        parent, _, leaf = name.rpartition(".")
+        if leaf not in siblings or name not in modules:
+            raise ValueError(f"cannot centre the {what} of {name!r}: only {sorted(siblings)} layers' {what}s have a "
+                             f"{sibling}")
+        layer = modules[name]
+        if getattr(layer, "bias", None) is None:
+            raise ValueError(f"cannot centre the {what} of {name!r}: it has no bias to carry {carried}")
+        sites.append((layer, modules[parent] if parent else model, siblings[leaf], float(c)))
+    return sites
+
+
 def recentred(model: torch.nn.Module, choice: Mapping[str, Any]) -> torch.nn.Module:
     """``model`` with the centring a range choice recorded (``centered_inputs``, ``centered_outputs``: layer ->
     c) applied; ``model`` itself when there is none."""
-    inputs = (choice.get("centered_inputs") or {}).get("centers") or {}
-    outputs = (choice.get("centered_outputs") or {}).get("centers") or {}
-    if inputs:
-        model = center_inputs(model, {str(k): float(v) for k, v in inputs.items()})
-    if outputs:
-        model = center_outputs(model, {str(k): float(v) for k, v in outputs.items()})
-    return model
+    return centred(model, inputs=(choice.get("centered_inputs") or {}).get("centers"),
+                   outputs=(choice.get("centered_outputs") or {}).get("centers"))

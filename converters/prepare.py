@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from converters import rewrites
-from converters.centering import centerable, midpoints, recentred
+from converters.centering import centerable, centred, midpoints, recentred
 from converters.act_quant import (ESTIMATORS, Observation, Point, Scheme, floor_gelu_inputs, gelu_producers, observe,
                                   simulated, static_points)
 from converters.calibrate import Choice, HeldOut, choose
@@ -328,8 +328,7 @@ def _centre(model: torch.nn.Module, ranges: dict[Point, tuple[float, float]], in
     by_point = {**{Point(n, "input"): c for n, c in centers.items()},
                 **{Point(n, "output"): c for n, c in out_centers.items()}}
     shifted = {p: (lo - by_point.get(p, 0.0), hi - by_point.get(p, 0.0)) for p, (lo, hi) in ranges.items()}
-    return recentred(model, {"centered_inputs": {"centers": centers}, "centered_outputs": {"centers": out_centers}}), \
-        shifted, centers, out_centers
+    return centred(model, centers, out_centers), shifted, centers, out_centers
 
 
 def _floored(estimator: str) -> str:
