@@ -164,8 +164,9 @@ def floor_gelu_inputs(ranges: Mapping[Point, tuple[float, float]], pairs: Mappin
     everything below about -3 to within a few thousandths of 0: an int8 grid spends a third of its steps
     there. Each range's low end is raised to `gelu_floor` of ``fraction`` times the step of the grid
     GELU's output is quantized on (the consumer's input range), so the clamp moves GELU's output by less
-    than that fraction of a step, while every value GELU passes on gets a finer grid. Asymmetric grids
-    only: a symmetric grid's step is set by ``max(|lo|, |hi|)``.
+    than that fraction of a step, while every value GELU passes on gets a finer grid. A symmetric grid's
+    step is set by ``max(|lo|, |hi|)``, so there the floor pays only with the range centred too
+    (`converters.centering.center_outputs`, which `converters.prepare` adds for symmetric schemes).
     """
     out, floors = dict(ranges), {}
     for layer, consumer in pairs.items():
