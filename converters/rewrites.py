@@ -26,6 +26,12 @@ them through `apply` (recipe option ``rewrites``):
   LayerNorm. It leaves no LayerNorm affine for `converters.smoothing` to migrate (the next layer's input
   is then the normalized ``n`` whatever the strength). The stem's LayerNorm also feeds the residual
   stream and keeps its affine.
+* ``fold_norm_mean`` (after ``fold_norm_affine``): each of those affine-free LayerNorms keeps only its
+  scaling, ``x * rsqrt(var(x) + eps)`` (`ScaleNorm`), and the next layer's weights are centred over its
+  input channels (``W' = W - mean_c W[:, c]``), so ``W' (x r) = W (x - mu) r``: the mean the output keeps
+  is what ``W'`` ignores. In the all-int8 graph LiteRT's LayerNorm (MEAN, SQUARED_DIFFERENCE, MEAN, ADD,
+  RSQRT, MUL, SUB, MUL, ADD) becomes MEAN, SUB, MUL, MEAN, ADD, RSQRT, MUL: the normalized output is
+  written once instead of twice (``x * r``, then ``+ (-mu * r)``), each write a per-tensor requantization.
 * ``channels_first``: every block computes in NCHW from end to end: ``pwconv1``/``pwconv2`` become 1x1
   convs (same names, same weights) and every LayerNorm over channels (each block's, the stem's and
   the downsampling ones) becomes `ChannelLayerNorm`, whose channel means are 1-output 1x1 convs. The
@@ -102,6 +108,27 @@ class ChannelLayerNorm(nn.Module):
         y = d * torch.rsqrt(var + self.eps)
         y = y if self.weight is None else y * self.weight  # None after `fold_norm_affine`
         return y if self.bias is None else y + self.bias
+
+
+class ScaleNorm(nn.Module):
+    """A LayerNorm without its mean subtraction and affine: ``x * rsqrt(var(x) + eps)`` over channels.
+
+    float32 ``[N, H, W, C]`` or ``[N, C]`` (channels last), or ``[N, C, H, W]`` for a ``channels_first``
+    `ConvNextLayerNorm`, -> the same shape. Exact only in front of a layer whose weights sum to 0 over
+    its input channels (`fold_norm_mean`), which then ignores the per-pixel mean the output keeps.
+    """
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.eps = float(norm.eps)
+        self.channels_first = getattr(norm, "data_format", "channels_last") == "channels_first"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_first:
+            x = x.permute(0, 2, 3, 1)
+        d = x - x.mean(-1, keepdim=True)
+        y = x * torch.rsqrt((d * d).mean(-1, keepdim=True) + self.eps)  # the two-pass variance, as LayerNorm's
+        return y.permute(0, 3, 1, 2) if self.channels_first else y
 
 
 class ChannelsFirstBlock(nn.Module):
@@ -189,6 +216,32 @@ def fold_norm_affine(model: nn.Module) -> tuple[nn.Module, int]:
     return model, n
 
 
+@torch.no_grad()
+def fold_norm_mean(model: nn.Module) -> tuple[nn.Module, int]:
+    """(copy of ``model`` with each paired affine-free LayerNorm a `ScaleNorm`, its next layer's weights
+    centred over input channels, LayerNorms changed).
+
+    ``W (x - mu) r = W' x r`` with ``W' = W - mean_c W[:, c]`` (per output and kernel tap of the unpadded
+    conv), since ``W' 1 = 0``. Needs `fold_norm_affine` first: an affine between the two breaks it.
+    """
+    from converters.smoothing import norm_pairs
+
+    model = copy.deepcopy(model)
+    n = 0
+    for pair in norm_pairs(model):
+        norm, layer = model.get_submodule(pair.norm), model.get_submodule(pair.layer)
+        if getattr(norm, "weight", None) is not None or getattr(norm, "bias", None) is not None:
+            raise ValueError(f"{pair.norm} still has its affine; run fold_norm_affine before fold_norm_mean")
+        if isinstance(layer, nn.Conv2d) and (layer.padding != (0, 0) or layer.groups != 1):
+            raise ValueError(f"{pair.layer}: a padded or grouped conv sees padding zeros, not {pair.norm}'s output")
+        w = layer.weight.to(torch.float64)
+        layer.weight.copy_((w - w.mean(dim=1, keepdim=True)).to(layer.weight.dtype))
+        parent, _, attr = pair.norm.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, ScaleNorm(norm))
+        n += 1
+    return model, n
+
+
 def split_depthwise(model: nn.Module) -> tuple[nn.Module, int]:
     """(copy of ``model`` with every block's 7x7 depthwise conv split (`SplitDepthwise`), convs changed)."""
     model = copy.deepcopy(model)
@@ -203,6 +256,10 @@ def split_depthwise(model: nn.Module) -> tuple[nn.Module, int]:
 
 def channels_first(model: nn.Module) -> tuple[nn.Module, int]:
     """(copy of ``model`` with NCHW blocks and channel LayerNorms (see module doc), modules changed)."""
+    scale_norms = [name for name, m in model.named_modules() if isinstance(m, ScaleNorm)]
+    if scale_norms:
+        raise ValueError(f"channels_first has no channel form of fold_norm_mean's ScaleNorm ({scale_norms[0]}); "
+                         "give a recipe one of the two")
     model = copy.deepcopy(model)
     n = 0
     for stage in model.stages:
@@ -229,6 +286,7 @@ PASSES: dict[str, Callable[[nn.Module], tuple[nn.Module, int]]] = {
     "fold_layer_scale": fold_layer_scale,
     "split_depthwise": split_depthwise,
     "fold_norm_affine": fold_norm_affine,
+    "fold_norm_mean": fold_norm_mean,
     "channels_first": channels_first,
 }
 

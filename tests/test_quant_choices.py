@@ -323,6 +323,7 @@ def test_int8_all_chooses_its_ranges_on_held_out_calibration_images_only(tmp_pat
     convert_tiny(tmp_path, "tflite-int8-all", reference_images=8, parity_images=4, calibration_images=32)
     m = read_manifest(tmp_path / "tflite-int8-all.json")
     assert "smoothing" not in m.lowering and m.lowering["rewrites"]["fold_norm_affine"] > 0
+    assert m.lowering["rewrites"]["fold_norm_mean"] == m.lowering["rewrites"]["fold_norm_affine"]
     evaluation = {s.image_id for s in subset.split("evaluation")}
     assert m.lowering["quantization"]["activation_scope"] == "all"
     # Its int8 tensors' ranges are chosen by building the artifact per estimator (tflite_ranges).

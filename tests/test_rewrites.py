@@ -27,7 +27,9 @@ def model_and_images(tiny_weights, subset):
 @pytest.mark.parametrize("names", [["fold_layer_scale"], ["split_depthwise"], ["fold_norm_affine"], ["channels_first"],
                                    ["fold_layer_scale", "split_depthwise", "channels_first"],
                                    ["fold_layer_scale", "split_depthwise", "fold_norm_affine", "channels_first"],
-                                   ["channels_first", "fold_layer_scale", "split_depthwise"]])
+                                   ["channels_first", "fold_layer_scale", "split_depthwise"],
+                                   ["fold_norm_affine", "fold_norm_mean"],
+                                   ["fold_layer_scale", "split_depthwise", "fold_norm_affine", "fold_norm_mean"]])
 def test_rewrites_are_float_equal(model_and_images, names):
     model, x = model_and_images
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -35,7 +37,8 @@ def test_rewrites_are_float_equal(model_and_images, names):
     blocks = sum(len(stage.layers) for stage in model.stages)
     downsampling = sum(len(stage.downsampling_layer) == 2 for stage in model.stages)
     want = {"channels_first": blocks + 1 + downsampling,  # + stem, downsampling LayerNorms
-            "fold_norm_affine": blocks + downsampling + 1}  # + the final norm; the stem keeps its bias
+            "fold_norm_affine": blocks + downsampling + 1,  # + the final norm; the stem keeps its bias
+            "fold_norm_mean": blocks + downsampling + 1}
     assert counts == {n: want.get(n, blocks) for n in names}  # every block rewritten
     with torch.no_grad():
         ref, got = model(x), rewritten(x)
@@ -43,6 +46,34 @@ def test_rewrites_are_float_equal(model_and_images, names):
     assert (got - ref).abs().max().item() <= 1e-4
     # The input model is untouched.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fold_norm_mean_leaves_scale_only_norms_before_layers_that_ignore_their_mean(model_and_images):
+    from converters.smoothing import norm_pairs
+
+    model, x = model_and_images
+    with pytest.raises(ValueError, match="run fold_norm_affine before fold_norm_mean"):
+        rewrites.apply(model, ["fold_norm_mean"])
+    folded, _ = rewrites.apply(model, ["fold_norm_affine"])
+    rewritten, _ = rewrites.apply(folded, ["fold_norm_mean"])
+    outs: dict[str, torch.Tensor] = {}
+    modules = dict(rewritten.named_modules())
+    hooks = [modules[p.norm].register_forward_hook(lambda m, i, o, n=p.norm: outs.__setitem__(n, o))
+             for p in norm_pairs(model)]
+    with torch.no_grad():
+        rewritten(x)
+    for h in hooks:
+        h.remove()
+    for pair in norm_pairs(model):
+        assert isinstance(modules[pair.norm], rewrites.ScaleNorm)
+        w = modules[pair.layer].weight
+        assert w.sum(dim=1).abs().max().item() <= 1e-5 * w.abs().max().item()  # W' 1 = 0 at every tap
+        y = outs[pair.norm]
+        mean = y.mean(dim=1 if modules[pair.norm].channels_first else -1)
+        assert mean.abs().max().item() > 1e-3  # the output keeps the mean the next layer must ignore
+    assert not isinstance(modules["embeddings.layernorm"], rewrites.ScaleNorm)  # it feeds the residual stream
+    with pytest.raises(ValueError, match="no channel form of fold_norm_mean"):
+        rewrites.apply(rewritten, ["channels_first"])
 
 
 def test_fold_removes_the_layer_scale_and_the_split_leaves_only_small_centred_depthwise_convs(model_and_images):
