@@ -230,7 +230,10 @@ def fold_norm_mean(model: nn.Module) -> tuple[nn.Module, int]:
     n = 0
     for pair in norm_pairs(model):
         norm, layer = model.get_submodule(pair.norm), model.get_submodule(pair.layer)
-        if getattr(norm, "weight", None) is not None or getattr(norm, "bias", None) is not None:
+        if not isinstance(norm, nn.LayerNorm):  # a ScaleNorm already, or channels_first's ChannelLayerNorm
+            raise ValueError(f"{pair.norm} is a {type(norm).__name__}; fold_norm_mean takes the model's own "
+                             "LayerNorms, once, before any layout pass")
+        if norm.weight is not None or norm.bias is not None:
             raise ValueError(f"{pair.norm} still has its affine; run fold_norm_affine before fold_norm_mean")
         if isinstance(layer, nn.Conv2d) and (layer.padding != (0, 0) or layer.groups != 1):
             raise ValueError(f"{pair.layer}: a padded or grouped conv sees padding zeros, not {pair.norm}'s output")

@@ -74,6 +74,8 @@ def test_fold_norm_mean_leaves_scale_only_norms_before_layers_that_ignore_their_
     assert not isinstance(modules["embeddings.layernorm"], rewrites.ScaleNorm)  # it feeds the residual stream
     with pytest.raises(ValueError, match="no channel form of fold_norm_mean"):
         rewrites.apply(rewritten, ["channels_first"])
+    with pytest.raises(ValueError, match="is a ScaleNorm; fold_norm_mean takes the model's own LayerNorms, once"):
+        rewrites.apply(rewritten, ["fold_norm_mean"])
 
 
 def test_fold_removes_the_layer_scale_and_the_split_leaves_only_small_centred_depthwise_convs(model_and_images):
