@@ -45,10 +45,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from converters.smoothing import NormPair
 
 
 class SplitDepthwise(nn.Module):
@@ -199,8 +203,7 @@ def fold_norm_affine(model: nn.Module) -> tuple[nn.Module, int]:
         norm, layer = modules[pair.norm], modules[pair.layer]
         if norm.weight is None and norm.bias is None:
             continue
-        if isinstance(layer, nn.Conv2d) and (layer.padding != (0, 0) or layer.groups != 1):
-            raise ValueError(f"{pair.layer}: a padded or grouped conv cannot take {pair.norm}'s affine exactly")
+        _require_dense(pair, layer, f"cannot take {pair.norm}'s affine exactly")
         if norm.bias is not None:  # first, with the unscaled W
             w = layer.weight.detach().to(torch.float64)
             b = norm.bias.detach().to(torch.float64)
@@ -214,6 +217,12 @@ def fold_norm_affine(model: nn.Module) -> tuple[nn.Module, int]:
         norm.weight, norm.bias, norm.elementwise_affine = None, None, False
         n += 1
     return model, n
+
+
+def _require_dense(pair: NormPair, layer: nn.Module, why: str) -> None:
+    """Refuse a padded or grouped conv after a LayerNorm: a fold into it is not exact (``why``: what fails)."""
+    if isinstance(layer, nn.Conv2d) and (layer.padding != (0, 0) or layer.groups != 1):
+        raise ValueError(f"{pair.layer}: a padded or grouped conv {why}")
 
 
 @torch.no_grad()
@@ -235,12 +244,10 @@ def fold_norm_mean(model: nn.Module) -> tuple[nn.Module, int]:
                              "LayerNorms, once, before any layout pass")
         if norm.weight is not None or norm.bias is not None:
             raise ValueError(f"{pair.norm} still has its affine; run fold_norm_affine before fold_norm_mean")
-        if isinstance(layer, nn.Conv2d) and (layer.padding != (0, 0) or layer.groups != 1):
-            raise ValueError(f"{pair.layer}: a padded or grouped conv sees padding zeros, not {pair.norm}'s output")
+        _require_dense(pair, layer, f"sees padding zeros, not {pair.norm}'s output")
         w = layer.weight.to(torch.float64)
         layer.weight.copy_((w - w.mean(dim=1, keepdim=True)).to(layer.weight.dtype))
-        parent, _, attr = pair.norm.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, ScaleNorm(norm))
+        model.set_submodule(pair.norm, ScaleNorm(norm))
         n += 1
     return model, n
 
